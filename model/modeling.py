@@ -1,0 +1,493 @@
+"""AdaPonderLM: a GPT-NeoX (Pythia) backbone run up to K times per token, with learned halting.
+
+References:
+  1) PonderLM, arXiv 2505.20674: re-run the whole stack on inputs refined by the probability-weighted
+     mixture of the input embedding table.
+  2) AdaPonderLM, arXiv 2603.01914: per-update MLP gates, monotonic hard halting, KV alignment.
+  3) ../shared/SPEC.md section 1, which fixes the choices the papers leave open.
+
+Everything here is the dense formulation: every token runs in every pass and masks select what a
+halted token would have kept. Training uses it so that every data-parallel rank calls the same
+modules the same number of times (ZeRO-3 hangs otherwise); skipping halted tokens is for inference.
+
+Shape legend:
+  B batch, T query positions, S key positions, D hidden size, N heads, H head size,
+  R rotary dims, V vocabulary, I MLP width, G gate width, K passes, L layers
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from model.config import AdaPonderConfig
+from model.hf_compat import config_from_checkpoint, load_checkpoint_state_dict, match_state_dict
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbone: GPT-NeoX exactly as Pythia, with Hugging Face parameter names.
+
+
+def rotary_cos_sin(
+    position_ids_BT: torch.Tensor, rotary_ndims: int, base: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, 1, T, R] for GPT-NeoX rotary embeddings, computed in fp32."""
+    exponent = torch.arange(0, rotary_ndims, 2, device=position_ids_BT.device, dtype=torch.float32)
+    inv_freq = 1.0 / (base ** (exponent / rotary_ndims))
+    freqs_BTR = position_ids_BT[..., None].float() * inv_freq
+    emb_BTR = torch.cat((freqs_BTR, freqs_BTR), dim=-1)
+    return emb_BTR.cos()[:, None].to(dtype), emb_BTR.sin()[:, None].to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x_BNTH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first R dims of each head (GPT-NeoX `rotate_half` style); the rest pass through."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x_BNTH[..., :r], x_BNTH[..., r:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with GPT-NeoX's fused, per-head interleaved q|k|v projection."""
+
+    def __init__(self, config: AdaPonderConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.head_size
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense.is_residual_output = True
+
+    def project(
+        self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, N, T, H], rotary applied to q and k."""
+        b, t, _ = x_BTD.shape
+        qkv_BNTX = self.query_key_value(x_BTD).view(b, t, self.num_heads, 3 * self.head_size).transpose(1, 2)
+        q, k, v = qkv_BNTX.chunk(3, dim=-1)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attend(
+        self, q_BNTH: torch.Tensor, k_BNSH: torch.Tensor, v_BNSH: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention output after `dense`, [B, T, D]. `mask` [B, 1, T, S] bool (True: attend) or
+        None for plain causal attention over T == S positions."""
+        out_BNTH = F.scaled_dot_product_attention(
+            q_BNTH, k_BNSH, v_BNSH, attn_mask=mask, is_causal=mask is None
+        )
+        b, _, t, _ = out_BNTH.shape
+        return self.dense(out_BNTH.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: AdaPonderConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense_4h_to_h.is_residual_output = True
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x_BTD)))
+
+
+class Layer(GradientCheckpointingLayer):
+    """One GPT-NeoX block with KV alignment for halted tokens.
+
+    Tensors are positional so that activation checkpointing passes gradients through them.
+    """
+
+    def __init__(self, config: AdaPonderConfig) -> None:
+        super().__init__()
+        self.use_parallel_residual = config.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = Attention(config)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        k_prev_BNTH: torch.Tensor | None = None,
+        v_prev_BNTH: torch.Tensor | None = None,
+        active_BT: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the block output and this pass's aligned keys and values."""
+        q, k, v = self.attention.project(self.input_layernorm(x_BTD), cos, sin)
+        if active_BT is not None:
+            # KV alignment: K = where(m^i, K_new, K_prev). K_prev is the previous pass's aligned
+            # cache, so a token halted several passes ago keeps its last active pass's K/V.
+            keep_B1T1 = active_BT[:, None, :, None]
+            k = torch.where(keep_B1T1, k, k_prev_BNTH)
+            v = torch.where(keep_B1T1, v, v_prev_BNTH)
+        attn_BTD = self.attention.attend(q, k, v, mask)
+        if self.use_parallel_residual:
+            out_BTD = x_BTD + attn_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+        else:
+            y_BTD = x_BTD + attn_BTD
+            out_BTD = y_BTD + self.mlp(self.post_attention_layernorm(y_BTD))
+        return out_BTD, k, v
+
+
+class PonderEmbedding(nn.Embedding):
+    """`embed_in`: token lookup for ids, and the pondering mixture `P @ W` for distributions.
+
+    The mixture runs through this module's forward, not through `.weight` from outside, so that
+    ZeRO-3 gathers the partitioned table for it like for any other call.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            return x.to(self.weight.dtype) @ self.weight  # [B, T, V] @ [V, D]
+        return super().forward(x)
+
+
+class Backbone(nn.Module):
+    """`gpt_neox`: embedding table, layers and final norm; one call of `run_pass` is one pass."""
+
+    def __init__(self, config: AdaPonderConfig) -> None:
+        super().__init__()
+        self.embed_in = PonderEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([Layer(config) for _ in range(config.num_hidden_layers)])
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def run_pass(
+        self,
+        e_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv_prev: list[KV] | None,
+        active_BT: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """Final-norm output h [B, T, D] of one pass and the aligned K/V of every layer."""
+        x_BTD, kv = e_BTD, []
+        for i, layer in enumerate(self.layers):
+            k_prev, v_prev = kv_prev[i] if kv_prev is not None else (None, None)
+            x_BTD, k, v = layer(x_BTD, cos, sin, mask, k_prev, v_prev, active_BT)
+            kv.append((k, v))
+        return self.final_layer_norm(x_BTD), kv
+
+
+class PonderGate(nn.Module):
+    """MLP_i = Linear(D, G) -> GELU -> Linear(G, 1): one halting gate per pondering update."""
+
+    def __init__(self, config: AdaPonderConfig) -> None:
+        super().__init__()
+        self.dense_in = nn.Linear(config.hidden_size, config.gate_intermediate_size)
+        self.act = ACT2FN["gelu"]
+        self.dense_out = nn.Linear(config.gate_intermediate_size, 1)
+        self.dense_out.is_gate_output = True
+
+    def forward(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """s = sigmoid(MLP(h)) [B, T] in fp32, so that s < tau is decided at full precision."""
+        return torch.sigmoid(self.dense_out(self.act(self.dense_in(h_BTD))).float()).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs, losses and compute accounting.
+
+
+@dataclass
+class AdaPonderOutput(ModelOutput):
+    """What one forward returns; see docs/model-api.md for every field."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    ponder_loss: torch.Tensor | None = None
+    token_nll: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+    passes: torch.Tensor | None = None
+    halted_fraction: torch.Tensor | None = None
+    mean_passes: torch.Tensor | None = None
+    gates: torch.Tensor | None = None
+    flops: dict[str, torch.Tensor] | None = None
+
+
+def bottom_k_gate_loss(gates_UBT: torch.Tensor, real_BT: torch.Tensor, k: float) -> torch.Tensor:
+    """Mean of the smallest fraction k of all gate values (all updates U, all real tokens).
+
+    Entries of tokens that halted before an update are 0 (and carry no gradient): they fill the
+    bottom first, so once a fraction k of (token, update) pairs sits below tau the loss vanishes.
+    """
+    values = gates_UBT[real_BT.expand_as(gates_UBT)]
+    count = int(k * values.numel())
+    if count == 0:
+        return gates_UBT.sum() * 0.0
+    return torch.topk(values, count, largest=False, sorted=False).values.mean()
+
+
+def forward_flops(
+    config: AdaPonderConfig, active_KBT: torch.Tensor, real_BT: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Forward FLOPs of this batch as run adaptively (halted tokens computed nowhere), by part.
+
+    Matmul FLOPs only (2 per multiply-add). A token active in pass i pays one backbone pass plus
+    attention over its causal context of real keys; a gate is evaluated after every pass but the
+    last; head + mixture (4 D V) are paid only by tokens that go on to the next pass; the final
+    head (2 D V) once per token. `dense_total` is the same batch with every token in every pass.
+    """
+    d, v, g = config.hidden_size, config.vocab_size, config.gate_intermediate_size
+    num_layers, k_passes = config.num_hidden_layers, active_KBT.shape[0]
+    active = (active_KBT & real_BT).double()
+    context_BT = real_BT.double().cumsum(-1)
+    per_backbone = 2 * num_layers * (4 * d * d + 2 * d * config.intermediate_size)
+    per_gate = 2 * (d * g + g) if config.adaptive else 0
+    parts = {
+        "backbone": active.sum() * per_backbone,
+        "attention": (active * context_BT).sum() * 4 * num_layers * d,
+        "head": real_BT.double().sum() * 2 * d * v,
+        "mixture": active[1:].sum() * 4 * d * v,
+        "gates": active[:-1].sum() * per_gate,
+    }
+    parts["total"] = sum(parts.values())
+    n_real = real_BT.double().sum()
+    parts["dense_total"] = (
+        n_real * k_passes * per_backbone
+        + k_passes * (real_BT.double() * context_BT).sum() * 4 * num_layers * d
+        + n_real * 2 * d * v
+        + (k_passes - 1) * n_real * (4 * d * v + per_gate)
+    )
+    return parts
+
+
+def halting_stats(active_KBT: torch.Tensor, real_BT: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Passes per position [B, T], fraction of real tokens whose last pass is j [K], mean passes."""
+    passes_BT = active_KBT.sum(0)
+    n_real = real_BT.sum().clamp(min=1)
+    last_pass_KBT = F.one_hot(passes_BT - 1, active_KBT.shape[0]).permute(2, 0, 1).bool()
+    halted_K = (last_pass_KBT & real_BT).sum((1, 2)).double() / n_real
+    mean = (passes_BT * real_BT).sum().double() / n_real
+    return passes_BT, halted_K, mean
+
+
+def _padding_mask(attention_mask_BT: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, 1, T, T] bool: causal, keys restricted to real tokens; None when nothing is padded.
+
+    Every query may see itself, so a padding query at the left edge has a finite (unused) row.
+    """
+    if attention_mask_BT is None or bool(attention_mask_BT.all()):
+        return None
+    t = attention_mask_BT.shape[-1]
+    causal_TT = torch.ones(t, t, dtype=torch.bool, device=attention_mask_BT.device).tril()
+    eye_TT = torch.eye(t, dtype=torch.bool, device=attention_mask_BT.device)
+    return causal_TT & (attention_mask_BT.bool()[:, None, None, :] | eye_TT)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model.
+
+
+class AdaPonderPreTrainedModel(PreTrainedModel):
+    config_class = AdaPonderConfig
+    config: AdaPonderConfig
+    base_model_prefix = "gpt_neox"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Layer"]
+    _keys_to_ignore_on_load_unexpected = [r"attention\.bias", r"attention\.masked_bias", r"inv_freq"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Pythia's init: small_init N(0, sqrt(2 / 5d)) everywhere, wang_init N(0, 2 / (L' sqrt d))
+        for the residual output projections with L' = L x K the unrolled depth (PonderLM scales
+        for the unrolled depth too), zero biases, unit norms, gate output bias positive."""
+        cfg = self.config
+        small = (2.0 / (5.0 * cfg.hidden_size)) ** 0.5
+        if isinstance(module, nn.Linear):
+            std = small
+            if getattr(module, "is_residual_output", False):
+                depth = cfg.num_hidden_layers * cfg.num_passes
+                std = 2.0 / (depth * cfg.hidden_size**0.5)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                if getattr(module, "is_gate_output", False):
+                    init.constant_(module.bias, cfg.gate_bias_init)
+                else:
+                    init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=small)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
+    """GPT-NeoX with K-pass pondering and token-wise gated halting (SPEC.md section 1)."""
+
+    def __init__(self, config: AdaPonderConfig) -> None:
+        super().__init__(config)
+        self.gpt_neox = Backbone(config)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        num_gates = config.num_passes - 1 if config.adaptive else 0
+        self.ponder_gates = nn.ModuleList([PonderGate(config) for _ in range(num_gates)])
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.gpt_neox.embed_in
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.embed_out
+
+    def gate_parameters(self):
+        return self.ponder_gates.parameters()
+
+    def backbone_parameters(self):
+        return (p for n, p in self.named_parameters() if not n.startswith("ponder_gates."))
+
+    def initialize_weights_with(self, gather) -> None:
+        """Pythia init for a model whose parameters are partitioned (ZeRO-3 `zero.Init`).
+
+        `gather(params)` is a context manager that materialises `params` and publishes one rank's
+        values on exit (`deepspeed.zero.GatheredParameters(params, modifier_rank=0)`); the model
+        itself stays free of distributed code.
+        """
+        for module in self.modules():
+            params = list(module.parameters(recurse=False))
+            if params:
+                with gather(params):
+                    self._init_weights(module)
+
+    def ponder_embedding(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """e^i = softmax(embed_out(h^i)) @ (embed_in.weight * embed_scale), softmax in fp32."""
+        logits_BTV = self.embed_out(h_BTD).float()
+        topk = self.config.ponder_topk
+        if topk:
+            vals_BTk, idx_BTk = logits_BTV.topk(topk, dim=-1)
+            p_BTV = torch.zeros_like(logits_BTV).scatter_(-1, idx_BTk, vals_BTk.softmax(-1))
+        else:
+            p_BTV = logits_BTV.softmax(-1)
+        return self.gpt_neox.embed_in(p_BTV) * self.config.embed_scale
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}); got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        shift_labels: bool = True,
+        ponder_lambda: float = 0.0,
+        ponder_k: float = 0.0,
+        dense: bool | None = None,
+        **kwargs: Any,
+    ) -> AdaPonderOutput:
+        """Dense K-pass pondering forward; see docs/model-api.md for arguments and outputs."""
+        del dense  # only the dense formulation lives here; sparse execution is inference's
+        self._check_input_ids(input_ids)
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        real_BT = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
+        )
+        mask = _padding_mask(attention_mask)
+        h_out_BTD, active_KBT, gates_UBT = self._ponder(input_ids, position_ids, mask)
+        logits_BTV = self.embed_out(h_out_BTD)
+        out = AdaPonderOutput(logits=logits_BTV, gates=gates_UBT)
+        if labels is not None:
+            self._add_losses(out, labels, shift_labels, real_BT, ponder_lambda, ponder_k)
+        with torch.no_grad():
+            out.passes, out.halted_fraction, out.mean_passes = halting_stats(active_KBT, real_BT)
+            out.flops = forward_flops(self.config, active_KBT, real_BT)
+        return out
+
+    def _ponder(
+        self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The pondering loop (SPEC.md section 1), dense.
+
+        Returns the frozen outputs h_out [B, T, D], the activity mask m^i of every pass [K, B, T]
+        and the gate values s^i of every update [K-1, B, T] (0 for already-halted tokens; None
+        when not adaptive).
+        """
+        cfg = self.config
+        cos, sin = rotary_cos_sin(position_ids_BT, cfg.rotary_ndims, cfg.rotary_emb_base, self.dtype)
+        # E^0 = embed_in(x) * embed_scale * base_mult
+        e_BTD = self.gpt_neox.embed_in(input_ids_BT) * (cfg.embed_scale * cfg.base_mult)
+        active_BT = torch.ones_like(input_ids_BT, dtype=torch.bool)  # m^0 = 1
+        actives, gates = [active_BT], []
+        kv_prev, h_out_BTD = None, None
+        for i in range(cfg.num_passes):
+            h_BTD, kv_prev = self.gpt_neox.run_pass(
+                e_BTD, cos, sin, mask, kv_prev, active_BT if i > 0 and cfg.adaptive else None
+            )
+            # Halted tokens' outputs are frozen: h_out = where(m^i, h^i, h_out_prev).
+            h_out_BTD = h_BTD if i == 0 else torch.where(active_BT[..., None], h_BTD, h_out_BTD)
+            if i == cfg.num_passes - 1:
+                break
+            e_ponder_BTD = self.ponder_embedding(h_BTD)  # e^i = P^i @ (W_in * scale)
+            if cfg.adaptive:
+                s_BT = self.ponder_gates[i](h_BTD)  # s^i = sigmoid(MLP_i(h^i))
+                gates.append(torch.where(active_BT, s_BT, torch.zeros_like(s_BT)))
+                # m^{i+1} = m^i * 1[s^i >= tau]: hard, monotonic, no gradient.
+                active_BT = active_BT & (s_BT.detach() >= cfg.halt_threshold)
+                # E^{i+1} = E^i + m^{i+1} * s^i * e^i
+                step_BT1 = (active_BT * s_BT)[..., None].to(e_BTD.dtype)
+                e_BTD = e_BTD + step_BT1 * e_ponder_BTD
+            else:
+                e_BTD = e_BTD + e_ponder_BTD  # PonderLM: E^{i+1} = E^i + e^i
+            actives.append(active_BT)
+        gates_UBT = torch.stack(gates) if gates else None
+        return h_out_BTD, torch.stack(actives), gates_UBT
+
+    def _add_losses(
+        self,
+        out: AdaPonderOutput,
+        labels_BT: torch.Tensor,
+        shift_labels: bool,
+        real_BT: torch.Tensor,
+        ponder_lambda: float,
+        ponder_k: float,
+    ) -> None:
+        """Cross-entropy (fp32) plus lambda * bottom-k gate loss, and per-position NLL."""
+        logits_BTV = out.logits
+        if shift_labels:
+            labels_BT = F.pad(labels_BT[:, 1:], (0, 1), value=-100)
+        nll_BT = F.cross_entropy(
+            logits_BTV.float().transpose(1, 2), labels_BT, ignore_index=-100, reduction="none"
+        )
+        out.loss_mask = labels_BT != -100
+        out.token_nll = nll_BT.detach()
+        out.lm_loss = nll_BT.sum() / out.loss_mask.sum().clamp(min=1)
+        if out.gates is not None:
+            out.ponder_loss = bottom_k_gate_loss(out.gates, real_BT, ponder_k)
+        else:
+            out.ponder_loss = torch.zeros((), device=logits_BTV.device)
+        out.loss = out.lm_loss + ponder_lambda * out.ponder_loss
+
+    @classmethod
+    def from_pythia(cls, path: str, **overrides: Any) -> AdaPonderForCausalLM:
+        """Load a Pythia, PonderLM ("PonderingPythia") or AdaPonderLM checkpoint directory in
+        Hugging Face format; gate parameters missing from it are initialised, nothing else is."""
+        model = cls(config_from_checkpoint(path, **overrides))
+        state = match_state_dict(load_checkpoint_state_dict(path), model, source=path)
+        model.load_state_dict(state, strict=False)
+        model.init_source = str(path)
+        return model
