@@ -378,10 +378,13 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         return self.gpt_neox.embed_in(p_BTV) * self.config.embed_scale
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+        if not input_ids.numel():
+            return
+        low, high = (int(x) for x in input_ids.aminmax())  # one host sync per forward
+        if low < 0 or high >= self.config.vocab_size:
             raise ValueError(
-                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}); got values in "
-                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}); "
+                f"got values in [{low}, {high}]"
             )
 
     def forward(
