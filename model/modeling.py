@@ -154,7 +154,18 @@ class PonderEmbedding(nn.Embedding):
     ZeRO-3 gathers the partitioned table for it like for any other call.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, T] -> rows; probabilities [B, T, V] -> P @ W; ids [B, T, k] with `weights`
+        [B, T, k] -> the weighted sum of those k rows (top-k mixture, never a dense [B, T, V])."""
+        if weights is not None:
+            b, t, k = x.shape
+            rows = F.embedding_bag(
+                x.reshape(-1, k),
+                self.weight,
+                per_sample_weights=weights.reshape(-1, k).to(self.weight.dtype),
+                mode="sum",
+            )
+            return rows.view(b, t, -1)
         if x.is_floating_point():
             return x.to(self.weight.dtype) @ self.weight  # [B, T, V] @ [V, D]
         return super().forward(x)
@@ -371,11 +382,12 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         logits_BTV = self.embed_out(h_BTD).float()
         topk = self.config.ponder_topk
         if topk:
+            # Renormalised over the k most probable tokens (PonderLM's top-k variant).
             vals_BTk, idx_BTk = logits_BTV.topk(topk, dim=-1)
-            p_BTV = torch.zeros_like(logits_BTV).scatter_(-1, idx_BTk, vals_BTk.softmax(-1))
+            mixture_BTD = self.gpt_neox.embed_in(idx_BTk, vals_BTk.softmax(-1))
         else:
-            p_BTV = logits_BTV.softmax(-1)
-        return self.gpt_neox.embed_in(p_BTV) * self.config.embed_scale
+            mixture_BTD = self.gpt_neox.embed_in(logits_BTV.softmax(-1))
+        return mixture_BTD * self.config.embed_scale
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         if not input_ids.numel():

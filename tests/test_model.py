@@ -450,3 +450,17 @@ def test_save_pretrained_round_trip_and_auto_classes(tmp_path):
         ids = torch.randint(0, VOCAB, (2, 8))
         with torch.no_grad():
             torch.testing.assert_close(loaded.eval()(ids).logits, model(ids).logits)
+
+
+def test_top_k_mixture_is_the_renormalised_top_k_of_the_softmax():
+    torch.manual_seed(15)
+    model = AdaPonderForCausalLM(tiny(ponder_topk=5))
+    h = torch.randn(2, 3, 32)
+    logits = model.embed_out(h)
+    vals, idx = logits.topk(5, dim=-1)
+    probs = torch.zeros_like(logits).scatter_(-1, idx, vals.softmax(-1))
+    expected = probs @ model.gpt_neox.embed_in.weight * model.config.embed_scale
+    torch.testing.assert_close(model.ponder_embedding(h), expected, atol=1e-6, rtol=1e-5)
+    full = AdaPonderForCausalLM(tiny(ponder_topk=0))
+    full.load_state_dict(model.state_dict())
+    assert not torch.allclose(full.ponder_embedding(h), expected, atol=1e-4)
