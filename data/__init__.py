@@ -1,0 +1,9 @@
+"""Tokenized shards, sample indexes, blending and the resumable sampler.
+
+Imports stay free of torch so the preprocessing workers start fast; ``data.loader`` brings torch in.
+"""
+
+from data.config import DataConfig
+from data.dataset import BlendedDataset, GPTDataset, SampleDataset, build_datasets
+
+__all__ = ["BlendedDataset", "DataConfig", "GPTDataset", "SampleDataset", "build_datasets"]

@@ -1,0 +1,86 @@
+"""Resumable data-parallel sampler whose position is the number of samples consumed globally."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+
+class PretrainingSampler:
+    """Yields this rank's micro-batch of sample indices for every global step from ``consumed_samples``.
+
+    The global order is 0, 1, 2, ...; each step takes the next ``micro_batch_size * data_parallel_size``
+    indices and rank r gets positions ``[r * micro_batch_size, (r + 1) * micro_batch_size)`` of them.
+    Because the position is a sample count rather than a step, a run may resume with another number of
+    ranks or another micro-batch and still see exactly the samples an uninterrupted run would.
+    Iteration stops before a global step that would run past ``num_samples``; it never wraps.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+        fingerprint: str,
+    ):
+        if micro_batch_size < 1 or data_parallel_size < 1:
+            raise ValueError(
+                f"micro_batch_size ({micro_batch_size}) and data_parallel_size ({data_parallel_size}) "
+                "must be at least 1"
+            )
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data_parallel_rank {data_parallel_rank} outside [0, {data_parallel_size})")
+        self.num_samples = num_samples
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.data_parallel_size = data_parallel_size
+        self.fingerprint = fingerprint
+        self._set_consumed(consumed_samples)
+
+    def _set_consumed(self, consumed_samples: int) -> None:
+        if not 0 <= consumed_samples <= self.num_samples:
+            raise ValueError(
+                f"consumed_samples {consumed_samples} is outside the dataset's {self.num_samples} samples; "
+                "the run has used up its data (raise the number of samples it is built for)"
+            )
+        self.consumed_samples = consumed_samples
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.data_parallel_size
+
+    def __len__(self) -> int:
+        """Steps left from ``consumed_samples``."""
+        return (self.num_samples - self.consumed_samples) // self.global_batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        first = self.consumed_samples + self.data_parallel_rank * self.micro_batch_size
+        for step in range(len(self)):
+            start = first + step * self.global_batch_size
+            yield list(range(start, start + self.micro_batch_size))
+
+    def state_dict(self, consumed_samples: int | None = None) -> dict:
+        """Position to checkpoint. Pass the samples the trainer has consumed: DataLoader prefetching
+        runs the iterator ahead, so the sampler cannot know. None saves the starting position."""
+        return {
+            "consumed_samples": self.consumed_samples if consumed_samples is None else consumed_samples,
+            "fingerprint": self.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict, allow_data_change: bool = False) -> None:
+        """Resume from ``state``; ValueError if it was saved for other data, unless ``allow_data_change``."""
+        missing = {"consumed_samples", "fingerprint"} - set(state)
+        if missing:
+            raise ValueError(f"sampler state lacks {sorted(missing)}")
+        if state["fingerprint"] != self.fingerprint:
+            message = (
+                f"dataset fingerprint {self.fingerprint[:12]}... differs from the checkpoint's "
+                f"{str(state['fingerprint'])[:12]}...: the data, seq_len, seed, split, weights or "
+                "sample count changed since it was saved"
+            )
+            if not allow_data_change:
+                raise ValueError(message + " (set data.allow_data_change to resume anyway)")
+            warnings.warn(message + "; continuing at the saved sample count as allowed", stacklevel=2)
+        self._set_consumed(int(state["consumed_samples"]))
