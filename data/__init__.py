@@ -4,6 +4,13 @@ Imports stay free of torch so the preprocessing workers start fast; ``data.loade
 """
 
 from data.config import DataConfig
-from data.dataset import BlendedDataset, GPTDataset, SampleDataset, build_datasets
+from data.dataset import BlendedDataset, GPTDataset, PreshuffledDataset, SampleDataset, build_datasets
 
-__all__ = ["BlendedDataset", "DataConfig", "GPTDataset", "SampleDataset", "build_datasets"]
+__all__ = [
+    "BlendedDataset",
+    "DataConfig",
+    "GPTDataset",
+    "PreshuffledDataset",
+    "SampleDataset",
+    "build_datasets",
+]

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from data.indexed import data_path, index_path
 
+SAMPLE_ORDERS = ("gpt-neox", "preshuffled")
+
 
 @dataclass
 class DataConfig:
@@ -28,6 +30,12 @@ class DataConfig:
     """Train/valid/test proportions (``,`` or ``/`` separated, missing ones are 0) cutting every train
     prefix into contiguous document ranges. Used when ``valid_paths`` or ``test_paths`` is empty; then
     train takes the first range and each split without its own paths takes its range."""
+
+    sample_order: str = "gpt-neox"
+    """``gpt-neox``: ``seq_len + 1``-token samples cut across documents through the seeded
+    doc/sample/shuffle index. ``preshuffled``: every shard item already is one sample of exactly
+    ``seq_len + 1`` tokens, used in file order (Pythia's pre-shuffled Pile shards, so a run continued
+    from Pythia's step N reads the data Pythia read next, from sample N x 1024)."""
 
     seed: int = 1234
     """Seeds the document and sample shuffles (GPT-NeoX's ``np.random.RandomState(seed)``)."""
@@ -80,6 +88,8 @@ class DataConfig:
             if any(not (w > 0 and math.isfinite(w)) for w in self.train_weights):
                 raise ValueError(f"data.train_weights {self.train_weights}: every weight must be positive")
         self.split_fractions()
+        if self.sample_order not in SAMPLE_ORDERS:
+            raise ValueError(f"data.sample_order {self.sample_order!r}: expected one of {SAMPLE_ORDERS}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"data.seed {self.seed}: must lie in [0, 2**32) (numpy RandomState)")
         if self.num_workers < 0:

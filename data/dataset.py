@@ -183,11 +183,60 @@ class GPTDataset:
         return sample
 
 
+class PreshuffledDataset:
+    """Shard items that already are samples (``seq_len + 1`` tokens each), in file order.
+
+    Pythia's pre-shuffled Pile shards hold one 2049-token sample per item in the order Pythia trained
+    on. Epochs repeat that order; ``len()`` is a whole number of epochs, at least ``num_samples``.
+    """
+
+    def __init__(self, shard: MMapIndexedDataset, documents: range, num_samples: int, seq_len: int):
+        sizes = np.asarray(shard.sizes[documents.start : documents.stop])
+        wrong = np.flatnonzero(sizes != seq_len + 1)
+        if len(wrong):
+            item = documents.start + int(wrong[0])
+            raise ValueError(
+                f"{shard.prefix}: data.sample_order 'preshuffled' needs every item to be seq_len + 1 = "
+                f"{seq_len + 1} tokens; item {item} has {int(sizes[wrong[0]])} ({len(wrong)} items differ)"
+            )
+        self.shard, self.documents, self.seq_len = shard, documents, seq_len
+        self.num_epochs = max(1, -(-num_samples // len(documents)))
+        self.fingerprint = _hash(
+            {
+                "kind": "preshuffled",
+                "shard": shard_identity(shard.prefix),
+                "documents": [documents.start, documents.stop],
+                "num_samples": num_samples,
+                "seq_len": seq_len,
+            }
+        )
+
+    def __len__(self) -> int:
+        return self.num_epochs * len(self.documents)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} past the end of {self.shard.prefix} ({len(self)} samples)")
+        return self.shard.get(self.documents[i % len(self.documents)]).astype(np.int64)
+
+
+def _sample_dataset(
+    cfg: DataConfig, shard: MMapIndexedDataset, documents: range, num_samples: int, seq_len: int
+) -> GPTDataset | PreshuffledDataset:
+    if cfg.sample_order == "preshuffled":
+        return PreshuffledDataset(shard, documents, num_samples, seq_len)
+    return GPTDataset(shard, documents, num_samples, seq_len, cfg.seed, cfg.cache_dir)
+
+
 class BlendedDataset:
     """Several datasets interleaved by weight on a fixed schedule (``build_blend_schedule``)."""
 
     def __init__(
-        self, datasets: list[GPTDataset], weights: list[float], schedule: _CachedArrays, fingerprint: str
+        self,
+        datasets: list[GPTDataset | PreshuffledDataset],
+        weights: list[float],
+        schedule: _CachedArrays,
+        fingerprint: str,
     ):
         self.datasets = datasets
         self.weights = weights
@@ -204,7 +253,7 @@ class BlendedDataset:
         return self.datasets[d][int(self.schedule["dataset_sample_index"][i])]
 
 
-SampleDataset = GPTDataset | BlendedDataset
+SampleDataset = GPTDataset | PreshuffledDataset | BlendedDataset
 
 
 def split_range(num_documents: int, fractions: list[float], which: int) -> range:
@@ -243,7 +292,7 @@ def _build_split(
         return None
     if len(parts) == 1:
         shard, documents, _ = parts[0]
-        return GPTDataset(shard, documents, num_samples, seq_len, cfg.seed, cfg.cache_dir)
+        return _sample_dataset(cfg, shard, documents, num_samples, seq_len)
 
     part_weights = [float(w) for _, _, w in parts]
     total = sum(part_weights)
@@ -262,7 +311,7 @@ def _build_split(
     )
     counts = np.bincount(schedule["dataset_index"], minlength=len(parts))
     datasets = [
-        GPTDataset(shard, documents, max(1, int(count)), seq_len, cfg.seed, cfg.cache_dir)
+        _sample_dataset(cfg, shard, documents, max(1, int(count)), seq_len)
         for (shard, documents, _), count in zip(parts, counts)
     ]
     fingerprint = _hash({**description, "datasets": [d.fingerprint for d in datasets]})

@@ -356,3 +356,27 @@ def test_one_rank_builds_while_the_others_wait(tmp_path):
     assert np.load(tmp_path / "builds0.npy").tolist() == [0]
     assert np.load(tmp_path / "builds1.npy").tolist() == []
     np.testing.assert_array_equal(np.load(tmp_path / "samples0.npy"), np.load(tmp_path / "samples1.npy"))
+
+
+def test_preshuffled_order_reads_items_in_file_order_then_repeats(tmp_path):
+    seq_len = 8
+    write_shard(str(tmp_path / "pre"), [seq_len + 1] * 5)
+    cfg = DataConfig(train_paths=[str(tmp_path / "pre")], split="1", sample_order="preshuffled")
+    train = build_datasets(cfg, seq_len, {"train": 7})["train"]
+    assert len(train) == 10  # two whole epochs cover 7 samples
+    for i in range(10):
+        expected = np.arange(9) + (i % 5) * 9  # item i's tokens are its positions in the file
+        assert np.array_equal(train[i], expected)
+    with pytest.raises(IndexError):
+        train[10]
+    other = build_datasets(dataclasses.replace(cfg, sample_order="gpt-neox"), seq_len, {"train": 7})["train"]
+    assert other.fingerprint != train.fingerprint
+
+
+def test_preshuffled_order_rejects_items_of_the_wrong_length(tmp_path):
+    write_shard(str(tmp_path / "pre"), [9, 9, 7, 9])
+    cfg = DataConfig(train_paths=[str(tmp_path / "pre")], split="1", sample_order="preshuffled")
+    with pytest.raises(ValueError, match="item 2 has 7"):
+        build_datasets(cfg, 8, {"train": 3})
+    with pytest.raises(ValueError, match="sample_order"):
+        DataConfig(train_paths=[str(tmp_path / "pre")], sample_order="random").validate()
