@@ -31,6 +31,9 @@ setup(
         "console_scripts": [
             "adaponder-preprocess=data.preprocess:main",
             "adaponder-train-tokenizer=data.train_tokenizer:main",
+            "adaponder-train=training.pretrain:main",
+            "adaponder-quickstart=launcher.quickstart:main",
+            "adaponder-generate=launcher.generate:main",
         ],
     },
 )

@@ -1,0 +1,329 @@
+"""End-to-end training with real DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), tiny model, real text.
+
+One reference run of 8 steps (checkpoints at 4 and 8) is compared against runs that stop and
+resume, are killed, change the number of ranks or the accumulation. fp32 and dropout-free, so
+resumed runs must match bit for bit.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from training.checkpoint import latest_tag, tag_for
+from training.engine import consolidated_state_dict
+from training.metrics import EVAL_SCALARS, TRAIN_SCALARS
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = REPO / "training" / "pretrain.py"
+STEPS = 8
+GLOBAL_BATCH = 8
+
+
+def make_config(tmp_path: Path, train_shards, name: str, **changes) -> Path:
+    prefix, tokenizer = train_shards
+    tree = {
+        "run_dir": str(tmp_path / name),
+        "model": {"preset": "tiny"},
+        "data": {"train_paths": [prefix], "tokenizer": tokenizer, "split": "95,5,0", "num_workers": 1},
+        "optimizer": {"lr": 3e-3},
+        "schedule": {"warmup": 2},
+        "ponder": {"start": 4, "ramp": 4},  # the ponder loss comes on halfway
+        "checkpoint": {"interval": 4, "keep_last": 2},
+        "logging": {"log_interval": 1, "eval_interval": 4, "eval_samples": 8, "peak_tflops": 0.1},
+        "seq_len": 32,
+        "micro_batch_size": 4,
+        "global_batch_size": GLOBAL_BATCH,
+        "train_steps": STEPS,
+        "precision": "fp32",
+        "deepspeed_config": str(REPO / "ds_configs" / "zero3.json"),
+    }
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = tree
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def command(config: Path, *overrides: str, nproc: int = 2, launcher: str = "torchrun") -> list[str]:
+    if nproc == 1:
+        return [sys.executable, str(PRETRAIN), "--config", str(config), *overrides]
+    if launcher == "deepspeed":
+        runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
+    else:
+        runner = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    return [*runner, "--master_port", str(_free_port()), str(PRETRAIN), "--config", str(config), *overrides]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    env.update(PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def train(config: Path, *overrides: str, nproc: int = 2, launcher: str = "torchrun", expect: int = 0):
+    result = subprocess.run(
+        command(config, *overrides, nproc=nproc, launcher=launcher),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def run_dir(config: Path) -> Path:
+    return Path(yaml.safe_load(config.read_text())["run_dir"])
+
+
+def scalars(run: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the run's TensorBoard events; a step logged again after a restart wins."""
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return consolidated_state_dict(run / "checkpoints", tag_for(step))
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, train_shards):
+    """8 uninterrupted steps through the `deepspeed` launcher."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config = make_config(tmp, train_shards, "reference")
+    train(config, launcher="deepspeed")
+    return run_dir(config)
+
+
+def test_loss_falls_on_real_text(reference):
+    logged = scalars(reference)
+    assert sorted(logged["train/lm_loss"]) == list(range(1, STEPS + 1))
+    assert logged["eval/lm_loss"][8] < logged["eval/lm_loss"][4] < logged["train/lm_loss"][1] - 0.1
+    result = summary(reference)
+    assert result["status"] == "finished" and result["consumed_samples"] == STEPS * GLOBAL_BATCH
+    assert result["last_loss"] < result["first_loss"]
+
+
+def test_tensorboard_holds_the_training_and_eval_scalars(reference):
+    logged = scalars(reference)
+    expected = {
+        *TRAIN_SCALARS,
+        *EVAL_SCALARS,
+        *(f"ponder/halted_after_pass_{j}" for j in range(1, 5)),
+        "eval/nll_by_passes/4",
+        "eval/token_fraction_by_passes/1",
+    }
+    assert expected <= set(logged)
+    assert logged["train/consumed_tokens"][STEPS] == STEPS * GLOBAL_BATCH * 32
+    assert logged["train/ponder_lambda"][4] == 0.0 and logged["train/ponder_lambda"][5] > 0.0
+    assert 1.0 <= logged["ponder/mean_passes"][STEPS] <= 4.0
+    assert logged["perf/mfu"][STEPS] > 0 and logged["perf/tokens_per_sec"][STEPS] > 0
+    assert sum(logged[f"ponder/halted_after_pass_{j}"][STEPS] for j in range(1, 5)) == pytest.approx(1.0)
+    events = EventAccumulator(str(reference / "tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    assert "ponder/passes_per_token" in events.Tags()["histograms"]
+
+
+def test_zero3_holds_about_half_the_parameters_per_rank(reference):
+    counts = summary(reference)["parameters"]
+    assert len(counts["per_rank"]) == 2
+    for held in counts["per_rank"]:
+        assert 0.45 * counts["total"] < held < 0.6 * counts["total"]
+
+
+def test_checkpoints_latest_and_keep_last(reference):
+    checkpoints = reference / "checkpoints"
+    assert latest_tag(checkpoints) == tag_for(STEPS)
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == [tag_for(4), tag_for(8)]
+    state = json.loads((checkpoints / tag_for(STEPS) / "train_state.json").read_text())
+    assert state["step"] == STEPS and state["sampler"]["consumed_samples"] == STEPS * GLOBAL_BATCH
+    assert state["provenance"]["init"] == "random" and state["config"]["seq_len"] == 32
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path, train_shards, reference):
+    config = make_config(tmp_path, train_shards, "resumed")
+    first = train(config, "exit_at_step=4")
+    assert "stopped at exit_at_step=4" in first.stdout
+    second = train(config)
+    assert "resumed from" in second.stdout and "(full state) at step 4" in second.stdout
+    run = run_dir(config)
+    assert scalars(run)["train/lm_loss"] == scalars(reference)["train/lm_loss"]
+    assert_same_weights(weights(run, STEPS), weights(reference, STEPS))
+
+
+def test_sigkill_between_checkpoints_resumes_from_the_last_complete_one(tmp_path, train_shards, reference):
+    config = make_config(tmp_path, train_shards, "killed")
+    proc = subprocess.Popen(
+        command(config), env=environment(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    for line in proc.stdout:
+        if line.startswith("step 5/"):  # checkpoint 4 is complete, checkpoint 8 is 3 steps away
+            # torchrun's workers live in their own process group: kill the whole tree at once.
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            for process in tree:
+                process.kill()
+            psutil.wait_procs(tree, timeout=60)
+            break
+    proc.wait(timeout=60)
+    run = run_dir(config)
+    assert latest_tag(run / "checkpoints") == tag_for(4)
+    resumed = train(config)
+    assert "at step 4, consumed samples 32" in resumed.stdout
+    result = summary(run)
+    assert (result["step"], result["consumed_samples"]) == (STEPS, STEPS * GLOBAL_BATCH)
+    logged, expected = scalars(run)["train/lm_loss"], scalars(reference)["train/lm_loss"]
+    assert {s: logged[s] for s in range(5, 9)} == {s: expected[s] for s in range(5, 9)}
+    assert_same_weights(weights(run, STEPS), weights(reference, STEPS))
+
+
+def test_resume_on_another_number_of_ranks_keeps_the_data_position(tmp_path, train_shards, reference):
+    config = make_config(tmp_path, train_shards, "one_rank")
+    run = run_dir(config)
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference / "checkpoints" / tag_for(4), run / "checkpoints" / tag_for(4))
+    (run / "checkpoints" / "latest").write_text(tag_for(4))
+    resumed = train(config, nproc=1)
+    assert "weights only (rank count changed" in resumed.stdout
+    assert "micro 4 x accumulation 2 x 1 ranks" in resumed.stdout
+    result = summary(run)
+    assert (result["step"], result["consumed_samples"]) == (STEPS, STEPS * GLOBAL_BATCH)
+    # Step 5 sees the same weights and, if the position is kept, the same 8 samples (the optimizer
+    # state starts fresh, so later steps differ).
+    logged = scalars(run)["train/lm_loss"]
+    assert sorted(logged) == list(range(5, STEPS + 1))
+    assert logged[5] == pytest.approx(scalars(reference)["train/lm_loss"][5], rel=1e-6)
+
+
+def test_gradient_accumulation_4x1_equals_1x4(tmp_path, train_shards, reference):
+    # With activation checkpointing on as well: recomputing layers must not change the numbers.
+    config = make_config(
+        tmp_path, train_shards, "accumulated", micro_batch_size=1, activation_checkpointing=True
+    )
+    result = train(config, "exit_at_step=4")
+    assert "micro 1 x accumulation 4 x 2 ranks" in result.stdout
+    run = run_dir(config)
+    logged, expected = scalars(run)["train/lm_loss"], scalars(reference)["train/lm_loss"]
+    for step in range(1, 5):
+        assert logged[step] == pytest.approx(expected[step], rel=1e-5)
+    accumulated, whole = weights(run, 4), weights(reference, 4)
+    # Softmax ignores a bias on the keys: its true gradient is 0 and Adam scales the rounding noise
+    # of the two summation orders up to ~lr-sized steps. Compare those entries loosely.
+    for name in [n for n in whole if n.endswith("query_key_value.bias")]:
+        heads_qkv = accumulated.pop(name).view(4, 3, -1), whole.pop(name).view(4, 3, -1)  # [heads, q|k|v, H]
+        torch.testing.assert_close(*(t[:, [0, 2]] for t in heads_qkv), rtol=0, atol=1e-5)
+        torch.testing.assert_close(*(t[:, 1] for t in heads_qkv), rtol=0, atol=1e-3)
+    assert_same_weights(accumulated, whole, atol=1e-5)
+
+
+def test_sigusr1_finishes_the_step_checkpoints_and_exits_0(tmp_path, train_shards):
+    config = make_config(tmp_path, train_shards, "preempted", train_steps=200)
+    proc = subprocess.Popen(
+        command(config), env=environment(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            # torchrun's children are the ranks (their own children are data-loader workers).
+            workers = [p for p in psutil.Process(proc.pid).children() if str(PRETRAIN) in p.cmdline()]
+            assert len(workers) == 2
+            for worker in workers:
+                worker.send_signal(signal.SIGUSR1)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == 0
+    result = summary(run_dir(config))
+    assert result["status"] == "stopped by signal (SIGUSR1)"
+    assert 3 <= result["step"] < 200 and result["consumed_samples"] == result["step"] * GLOBAL_BATCH
+    assert latest_tag(run_dir(config) / "checkpoints") == tag_for(result["step"])
+
+
+def test_nan_loss_is_reported_and_the_last_checkpoint_kept(tmp_path, train_shards):
+    # An absurd learning rate: step 1 is fine, its update overflows, step 2's loss is NaN.
+    config = make_config(
+        tmp_path,
+        train_shards,
+        "diverged",
+        checkpoint__interval=1,
+        logging__eval_interval=0,
+        optimizer__lr=1e30,
+    )
+    result = train(config, nproc=1, expect=1)
+    assert "non-finite loss at step 2" in result.stderr
+    assert "consumed_samples=8, this step's samples [8, 16)" in result.stderr
+    run = run_dir(config)
+    assert latest_tag(run / "checkpoints") == tag_for(1)
+    assert all(torch.isfinite(t).all() for t in weights(run, 1).values())
+
+
+def test_continued_pretraining_from_a_hf_checkpoint_trains_only_the_gates(tmp_path, train_shards):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    pythia = GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=512,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            rotary_pct=0.25,
+            max_position_embeddings=256,
+        )
+    )
+    pythia.save_pretrained(tmp_path / "pythia")
+    config = make_config(
+        tmp_path,
+        train_shards,
+        "continued",
+        model={"init_from": str(tmp_path / "pythia")},
+        ponder={"unit": "tokens", "gates_only": 10**6},  # longer than the run: the backbone stays put
+        train_steps=2,
+        checkpoint__interval=0,
+        logging__eval_interval=0,
+    )
+    train(config)
+    run = run_dir(config)
+    state = json.loads((run / "checkpoints" / tag_for(2) / "train_state.json").read_text())
+    assert state["provenance"]["init_from"] == str((tmp_path / "pythia").resolve())
+    assert set(state["provenance"]["sha256"]) >= {"config.json", "model.safetensors"}
+    trained, original = weights(run, 2), pythia.state_dict()
+    original["embed_out.weight"] = original.pop("lm_head.weight", original.get("embed_out.weight"))
+    backbone = {name: t for name, t in trained.items() if not name.startswith("ponder_gates.")}
+    assert_same_weights(backbone, {name: original[name] for name in backbone})
+    gates = [name for name in trained if name.startswith("ponder_gates.")]
+    assert gates and scalars(run)["train/lr"][2] > 0

@@ -1,0 +1,245 @@
+"""Training and validation metrics: accumulated on each rank, reduced once per interval, written by
+rank 0 to TensorBoard (`<run_dir>/tensorboard/`) and the console.
+
+FLOPs: the model reports the forward FLOPs of each batch as run adaptively (`total`) and with every
+token in every pass (`dense_total`, what training actually computes). Model FLOPs per training step
+are 3 x dense forward (forward + backward); with activation checkpointing the hardware does a 4th
+forward, which MFU leaves out by convention.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training import distributed as dist
+
+# Names of the TensorBoard scalars, grouped so that TensorBoard shows one panel per group.
+TRAIN_SCALARS = (
+    "train/lm_loss",
+    "train/ponder_loss",
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/ponder_lambda",
+    "train/ponder_k",
+    "train/consumed_samples",
+    "train/consumed_tokens",
+    "perf/tokens_per_sec",
+    "perf/tflops_per_rank",
+    "perf/mfu",
+    "perf/peak_memory_gib",
+    "ponder/mean_passes",
+    "ponder/adaptive_flops_fraction",
+)
+EVAL_SCALARS = ("eval/lm_loss", "eval/ppl", "eval/mean_passes")
+
+
+def peak_memory_gib() -> float:
+    """Peak accelerator memory allocated by this process, or its peak resident size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class TrainMeter:
+    """Sums of one logging interval on this rank, kept as one float64 vector on the device.
+
+    Layout: lm-loss sum, ponder-loss sum, micro-batches, tokens, dense forward FLOPs, adaptive
+    forward FLOPs, then tokens by passes run (1..K).
+    """
+
+    def __init__(self, num_passes: int, device: torch.device):
+        self._k = num_passes
+        self._device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums = torch.zeros(6 + self._k, dtype=torch.float64, device=self._device)
+        self._started = time.perf_counter()
+        self._excluded = 0.0
+        self.steps = 0
+        self.grad_norms: list[float] = []
+
+    def add_micro_batch(self, out: Any) -> None:
+        passes = torch.bincount(out.passes.flatten() - 1, minlength=self._k).double()
+        values = torch.stack(
+            [
+                out.lm_loss.detach().double(),
+                out.ponder_loss.detach().double(),
+                torch.ones((), dtype=torch.float64, device=self._device),
+                passes.sum(),
+                out.flops["dense_total"].double(),
+                out.flops["total"].double(),
+            ]
+        )
+        self._sums[:6] += values
+        self._sums[6:] += passes
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on validation or checkpoints: not part of training throughput."""
+        self._excluded += seconds
+
+    def add_step(self, grad_norm: float) -> None:
+        self.steps += 1
+        self.grad_norms.append(grad_norm)
+
+    def reduce(self) -> dict[str, Any]:
+        """Collective: every rank calls it. Returns the interval's metrics over all ranks."""
+        elapsed = time.perf_counter() - self._started - self._excluded
+        world = dist.world_size()
+        memory = torch.zeros(world, dtype=torch.float64, device=self._device)
+        memory[dist.rank()] = peak_memory_gib()
+        total = dist.all_reduce_sum(torch.cat([self._sums, memory])).tolist()
+        lm, ponder, micro, tokens, dense_flops, adaptive_flops = total[:6]
+        passes = total[6 : 6 + self._k]
+        model_tflops_per_rank = 3 * dense_flops / elapsed / world / 1e12
+        return {
+            "lm_loss": lm / micro,
+            "ponder_loss": ponder / micro,
+            "tokens": tokens,
+            "tokens_per_sec": tokens / elapsed,
+            "tflops_per_rank": model_tflops_per_rank,
+            "adaptive_flops_fraction": adaptive_flops / dense_flops,
+            "passes_count": passes,
+            "mean_passes": sum((j + 1) * c for j, c in enumerate(passes)) / tokens,
+            "halted_fraction": [c / tokens for c in passes],
+            "grad_norm": self.grad_norms[-1] if self.grad_norms else float("nan"),
+            "peak_memory_gib": total[6 + self._k :],
+            "elapsed": elapsed,
+        }
+
+
+class EvalMeter:
+    """Validation sums on this rank: NLL and token count, overall and by passes run (1..K)."""
+
+    def __init__(self, num_passes: int, device: torch.device):
+        self._k = num_passes
+        self._nll = torch.zeros(num_passes, dtype=torch.float64, device=device)
+        self._count = torch.zeros(num_passes, dtype=torch.float64, device=device)
+
+    def add_micro_batch(self, out: Any) -> None:
+        mask = out.loss_mask.flatten()
+        passes = out.passes.flatten()[mask] - 1
+        self._nll.index_add_(0, passes, out.token_nll.flatten()[mask].double())
+        self._count.index_add_(0, passes, torch.ones_like(passes, dtype=torch.float64))
+
+    def reduce(self) -> dict[str, Any]:
+        """Collective. Mean NLL of tokens grouped by passes run: the paper's analysis of whether
+        tokens that halt early are the easy ones."""
+        nll, count = dist.all_reduce_sum(torch.stack([self._nll, self._count])).tolist()
+        tokens = sum(count)
+        loss = sum(nll) / tokens
+        return {
+            "lm_loss": loss,
+            "ppl": math.exp(min(loss, 50.0)),
+            "mean_passes": sum((j + 1) * c for j, c in enumerate(count)) / tokens,
+            "nll_by_passes": [n / c if c else float("nan") for n, c in zip(nll, count)],
+            "token_fraction_by_passes": [c / tokens for c in count],
+            "tokens": tokens,
+        }
+
+
+class MetricsWriter:
+    """Rank 0 writes TensorBoard events and console lines; on other ranks every call does nothing."""
+
+    def __init__(self, tensorboard_dir: Path, total_steps: int, start_step: int, progress_bar: bool):
+        self._main = dist.is_main_process()
+        self._writer = None
+        self._bar = None
+        if not self._main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=str(tensorboard_dir))
+        self._total = total_steps
+        if progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def step_done(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def text(self, tag: str, text: str) -> None:
+        if self._writer is not None:
+            self._writer.add_text(tag, text)
+
+    def console(self, line: str) -> None:
+        if not self._main:
+            return
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def train(self, step: int, scalars: dict[str, float], passes_count: list[float]) -> None:
+        """`scalars` keyed by the names in TRAIN_SCALARS; plus per-pass halting and a histogram."""
+        if self._writer is None:
+            return
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, value, step)
+        tokens = sum(passes_count)
+        for j, count in enumerate(passes_count):
+            self._writer.add_scalar(f"ponder/halted_after_pass_{j + 1}", count / tokens, step)
+        self._passes_histogram("ponder/passes_per_token", passes_count, step)
+        self.console(
+            f"step {step}/{self._total} | loss {scalars['train/lm_loss']:.4f} | "
+            f"ponder {scalars['train/ponder_loss']:.4f} | lr {scalars['train/lr']:.3g} | "
+            f"gnorm {scalars['train/grad_norm']:.3f} | passes {scalars['ponder/mean_passes']:.3f} | "
+            f"{scalars['perf/tokens_per_sec']:,.0f} tok/s | "
+            f"{scalars['perf/tflops_per_rank']:.3g} TFLOP/s/rank | "
+            f"MFU {100 * scalars['perf/mfu']:.2f}% | {scalars['train/consumed_tokens']:,.0f} tokens"
+        )
+
+    def _passes_histogram(self, tag: str, passes_count: list[float], step: int) -> None:
+        values = [float(j + 1) for j in range(len(passes_count))]
+        total = sum(passes_count)
+        nonzero = [v for v, c in zip(values, passes_count) if c]
+        self._writer.add_histogram_raw(
+            tag,
+            min=min(nonzero),
+            max=max(nonzero),
+            num=total,
+            sum=sum(v * c for v, c in zip(values, passes_count)),
+            sum_squares=sum(v * v * c for v, c in zip(values, passes_count)),
+            bucket_limits=[v + 0.5 for v in values],
+            bucket_counts=passes_count,
+            global_step=step,
+        )
+
+    def eval(self, step: int, result: dict[str, Any]) -> None:
+        if self._writer is None:
+            return
+        for name in ("lm_loss", "ppl", "mean_passes"):
+            self._writer.add_scalar(f"eval/{name}", result[name], step)
+        for j, (nll, frac) in enumerate(zip(result["nll_by_passes"], result["token_fraction_by_passes"])):
+            if frac:
+                self._writer.add_scalar(f"eval/nll_by_passes/{j + 1}", nll, step)
+            self._writer.add_scalar(f"eval/token_fraction_by_passes/{j + 1}", frac, step)
+        nll_text = ", ".join(
+            f"{j + 1}: {nll:.3f} ({100 * frac:.1f}%)"
+            for j, (nll, frac) in enumerate(zip(result["nll_by_passes"], result["token_fraction_by_passes"]))
+            if frac
+        )
+        self.console(
+            f"eval @ step {step} | loss {result['lm_loss']:.4f} | ppl {result['ppl']:.2f} | "
+            f"passes {result['mean_passes']:.3f} | NLL by passes run {{{nll_text}}}"
+        )
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
