@@ -171,6 +171,7 @@ def test_ponder_schedule_and_gates_only_phase_in_tokens(train_shards):
     first, second = schedules.at(1, 2048), schedules.at(2, 4096)
     assert first.backbone_lr == 0.0 and first.lr > 0 and first.ponder_lambda == 0.0
     assert second.backbone_lr == second.lr
+    assert first.gate_lr == pytest.approx(first.lr * cfg.optimizer.gate_lr_multiplier) and first.gate_lr > 0
     assert math.isclose(schedules.at(100, 100 * 2048).lr, cfg.optimizer.lr * cfg.schedule.min_lr_ratio)
 
 

@@ -58,6 +58,10 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # on matrices and embeddings; never on biases and LayerNorm weights
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    # Gates learn at lr x this. Adam moves each of a gate's 4d output weights by ~lr per step, so at
+    # the backbone's lr the gate logits swing by tens within a few dozen steps and tokens halt before
+    # pondering has had a chance to help (seen in the quickstart: 1.7 passes before any ponder loss).
+    gate_lr_multiplier: float = 0.1
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -66,6 +70,8 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.betas must lie in [0, 1), got {list(self.betas)}")
         if self.eps <= 0:
             raise ValueError(f"optimizer.eps must be > 0, got {self.eps}")
+        if self.gate_lr_multiplier <= 0:
+            raise ValueError(f"optimizer.gate_lr_multiplier must be > 0, got {self.gate_lr_multiplier}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("optimizer.weight_decay and optimizer.grad_clip must be >= 0")
 

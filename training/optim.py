@@ -38,4 +38,4 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]
 
 def set_learning_rates(groups: list[dict[str, Any]], settings: StepSettings) -> None:
     for group in groups:
-        group["lr"] = settings.lr if group["gates"] else settings.backbone_lr
+        group["lr"] = settings.gate_lr if group["gates"] else settings.backbone_lr

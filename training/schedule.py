@@ -17,8 +17,9 @@ from training.config import BatchPlan, PonderConfig, RunConfig, ScheduleConfig, 
 class StepSettings:
     """What one optimizer step uses."""
 
-    lr: float  # gates' learning rate (and the backbone's outside the gates-only phase)
+    lr: float  # the schedule's learning rate: the backbone's outside the gates-only phase
     backbone_lr: float  # 0 during the gates-only phase of continued pretraining
+    gate_lr: float  # lr x optimizer.gate_lr_multiplier
     ponder_lambda: float  # weight of the bottom-k gate loss; 0 in stage 1
     ponder_k: float  # fraction of gate values in the bottom-k mean
 
@@ -62,4 +63,10 @@ class Schedules:
         ponder_progress = progress(cfg.ponder.unit)
         gates_only = ponder_progress <= cfg.ponder.gates_only
         lam, k = ponder_weights(cfg.ponder, ponder_progress)
-        return StepSettings(lr=lr, backbone_lr=0.0 if gates_only else lr, ponder_lambda=lam, ponder_k=k)
+        return StepSettings(
+            lr=lr,
+            backbone_lr=0.0 if gates_only else lr,
+            gate_lr=lr * cfg.optimizer.gate_lr_multiplier,
+            ponder_lambda=lam,
+            ponder_k=k,
+        )

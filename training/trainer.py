@@ -324,6 +324,7 @@ class Trainer:
             "train/ponder_loss": m["ponder_loss"],
             "train/loss": m["lm_loss"] + settings.ponder_lambda * m["ponder_loss"],
             "train/lr": settings.lr,
+            "train/lr_gates": settings.gate_lr,
             "train/grad_norm": m["grad_norm"],
             "train/ponder_lambda": settings.ponder_lambda,
             "train/ponder_k": settings.ponder_k,
