@@ -232,6 +232,8 @@ class AdaPonderOutput(ModelOutput):
     mean_passes: torch.Tensor | None = None
     gates: torch.Tensor | None = None
     flops: dict[str, torch.Tensor] | None = None
+    # model.inference.AdaPonderCache after a cached call; generate() reads it back under this name.
+    cache: Any = None
 
 
 def bottom_k_gate_loss(gates_UBT: torch.Tensor, real_BT: torch.Tensor, k: float) -> torch.Tensor:
@@ -248,7 +250,10 @@ def bottom_k_gate_loss(gates_UBT: torch.Tensor, real_BT: torch.Tensor, k: float)
 
 
 def forward_flops(
-    config: AdaPonderConfig, active_KBT: torch.Tensor, real_BT: torch.Tensor
+    config: AdaPonderConfig,
+    active_KBT: torch.Tensor,
+    real_BT: torch.Tensor,
+    past_real_B: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Forward FLOPs of this batch as run adaptively (halted tokens computed nowhere), by part.
 
@@ -256,11 +261,14 @@ def forward_flops(
     attention over its causal context of real keys; a gate is evaluated after every pass but the
     last; head + mixture (4 D V) are paid only by tokens that go on to the next pass; the final
     head (2 D V) once per token. `dense_total` is the same batch with every token in every pass.
+    `past_real_B` counts real tokens already in a KV cache: they lengthen every query's context.
     """
     d, v, g = config.hidden_size, config.vocab_size, config.gate_intermediate_size
     num_layers, k_passes = config.num_hidden_layers, active_KBT.shape[0]
     active = (active_KBT & real_BT).double()
     context_BT = real_BT.double().cumsum(-1)
+    if past_real_B is not None:
+        context_BT = context_BT + past_real_B.double()[:, None]
     per_backbone = 2 * num_layers * (4 * d * d + 2 * d * config.intermediate_size)
     per_gate = 2 * (d * g + g) if config.adaptive else 0
     parts = {
@@ -409,29 +417,75 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         ponder_lambda: float = 0.0,
         ponder_k: float = 0.0,
         dense: bool | None = None,
+        cache: Any = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> AdaPonderOutput:
-        """Dense K-pass pondering forward; see docs/model-api.md for arguments and outputs."""
-        del dense  # only the dense formulation lives here; sparse execution is inference's
+        """K-pass pondering forward, dense (training; `dense=True`) or sparse with a per-pass KV
+        cache (`dense=False`, or `cache` / `use_cache` in eval mode; model/inference.py). See
+        docs/model-api.md for arguments and outputs."""
+        cache = cache if cache is not None else kwargs.get("past_key_values")
         self._check_input_ids(input_ids)
-        b, t = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
-        real_BT = (
-            attention_mask.bool()
-            if attention_mask is not None
-            else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
-        )
-        mask = _padding_mask(attention_mask)
-        h_out_BTD, active_KBT, gates_UBT = self._ponder(input_ids, position_ids, mask)
-        logits_BTV = self.embed_out(h_out_BTD)
-        out = AdaPonderOutput(logits=logits_BTV, gates=gates_UBT)
+        if labels is not None and logits_to_keep:
+            raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
+        past_real_B = None
+        if self._runs_sparse(dense, cache, use_cache):
+            from model.inference import checked_cache, sparse_ponder  # inference builds on this module
+
+            returns_cache = use_cache is not False and (cache is not None or bool(use_cache))
+            cache = checked_cache(cache, self.config)
+            result = sparse_ponder(self, input_ids, attention_mask, position_ids, cache)
+            h_out_BTD, active_KBT, gates_UBT = result.h_out, result.active, result.gates
+            real_BT, past_real_B = result.real, result.past_real
+        else:
+            returns_cache = False
+            b, t = input_ids.shape
+            if position_ids is None:
+                position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+            real_BT = (
+                attention_mask.bool()
+                if attention_mask is not None
+                else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
+            )
+            mask = _padding_mask(attention_mask)
+            h_out_BTD, active_KBT, gates_UBT = self._ponder(input_ids, position_ids, mask)
+        # generate() asks for the last position only (logits_to_keep=1): no head for the others.
+        logits_BTV = self.embed_out(h_out_BTD[:, -logits_to_keep:] if logits_to_keep else h_out_BTD)
+        out = AdaPonderOutput(logits=logits_BTV, gates=gates_UBT, cache=cache if returns_cache else None)
         if labels is not None:
             self._add_losses(out, labels, shift_labels, real_BT, ponder_lambda, ponder_k)
         with torch.no_grad():
             out.passes, out.halted_fraction, out.mean_passes = halting_stats(active_KBT, real_BT)
-            out.flops = forward_flops(self.config, active_KBT, real_BT)
+            out.flops = forward_flops(self.config, active_KBT, real_BT, past_real_B)
         return out
+
+    def _runs_sparse(self, dense: bool | None, cache: Any, use_cache: bool | None) -> bool:
+        """Dense in training mode and with `dense=True`; sparse with `dense=False` and, in eval
+        mode, whenever a cache is passed or asked for (generate())."""
+        if dense is None:
+            dense = self.training or (cache is None and not use_cache)
+        if dense and cache is not None:
+            raise ValueError("a KV cache needs the sparse path: call model.eval() and leave dense unset")
+        if not dense and self.training:
+            raise ValueError("the sparse path is for inference: call model.eval() (training runs dense)")
+        return not dense
+
+    def _prepare_cache_for_generation(
+        self, generation_config: Any, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> None:
+        """generate()'s hook (transformers/generation/utils.py) that puts a cache in
+        `model_kwargs["cache"]`: ours, sized once for the whole generation, instead of a DynamicCache."""
+        from model.inference import checked_cache  # inference builds on this module
+
+        if generation_config.cache_implementation is not None:
+            raise ValueError("cache_implementation is not supported: AdaPonderLM uses its own per-pass cache")
+        if model_kwargs.get("cache") is not None and generation_config.use_cache is False:
+            raise ValueError("a cache was passed with use_cache=False")
+        if generation_config.use_cache is not False:
+            # The last generated token is never fed back: max_length - 1 positions are cached.
+            max_length = max(generation_config.max_length - 1, 1)
+            model_kwargs["cache"] = checked_cache(model_kwargs.get("cache"), self.config, max_length)
 
     def _ponder(
         self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor, mask: torch.Tensor | None
