@@ -34,6 +34,7 @@ setup(
             "adaponder-train=training.pretrain:main",
             "adaponder-quickstart=launcher.quickstart:main",
             "adaponder-generate=launcher.generate:main",
+            "adaponder-export=training.export:main",
         ],
     },
 )

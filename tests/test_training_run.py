@@ -327,3 +327,48 @@ def test_continued_pretraining_from_a_hf_checkpoint_trains_only_the_gates(tmp_pa
     assert_same_weights(backbone, {name: original[name] for name in backbone})
     gates = [name for name in trained if name.startswith("ponder_gates.")]
     assert gates and scalars(run)["train/lr"][2] > 0
+
+
+def test_export_loads_with_transformers_remote_code_without_this_package(reference, tmp_path):
+    from model import AdaPonderConfig, AdaPonderForCausalLM
+    from training.export import main as export_main
+
+    out = tmp_path / "hf"
+    assert export_main([str(reference), str(out)]) == 0
+    assert {"model.safetensors", "config.json", "tokenizer.json", "modeling_adaponder.py"} <= {
+        p.name for p in out.iterdir()
+    }
+    final = weights(reference, STEPS)
+    config = AdaPonderConfig(**json.loads((out / "config.json").read_text()))
+    expected_model = AdaPonderForCausalLM(config)
+    expected_model.load_state_dict(final, strict=True)
+    ids = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = expected_model.eval()(ids).logits
+    # A fresh interpreter that never imports this repository's packages: what lm-eval does.
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
+        "assert type(m).__module__.startswith('transformers_modules'), type(m).__module__\n"
+        "assert 'model' not in sys.modules and 'training' not in sys.modules\n"
+        f"AutoTokenizer.from_pretrained({str(out)!r})('def f(): pass')\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(m(ids).logits, {str(tmp_path / 'logits.pt')!r})\n"
+    )
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {k: v for k, v in environment().items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_export_rejects_a_directory_without_checkpoints(tmp_path, capsys):
+    from training.export import main as export_main
+
+    assert export_main([str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "latest" in capsys.readouterr().err
