@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.indexed import MMapIndexedDataset, MMapIndexedDatasetBuilder, best_fitting_dtype
-from data.readers import TEXT_MODES, expand_inputs, iter_documents
+from data.readers import add_text_arguments, expand_inputs, iter_documents
 from data.tokenizer import load_tokenizer
 
 # A chunk is the unit sent to a worker: large enough to amortise pickling, small enough to keep
@@ -200,13 +200,7 @@ def _preprocess_parser() -> argparse.ArgumentParser:
         default=True,
         help="append the end-of-document token to every document",
     )
-    parser.add_argument("--text-field", default="text", help="field/column holding the text")
-    parser.add_argument(
-        "--text-mode",
-        choices=TEXT_MODES,
-        default="file",
-        help="plain-text inputs: one document per file or line",
-    )
+    add_text_arguments(parser)
     return parser
 
 

@@ -6,6 +6,7 @@ order), so tokenizing the same inputs always produces the same shard.
 
 from __future__ import annotations
 
+import argparse
 import glob
 import gzip
 import json
@@ -112,3 +113,14 @@ def _iter_datasets(path: str, text_field: str) -> Iterator[str]:
     rows = datasets.load_dataset(builder, data_files=path, split="train", streaming=True, **kwargs)
     for i, row in enumerate(rows):
         yield _field(row, text_field, f"{path} row {i}")
+
+
+def add_text_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options that say where the text is, shared by the data commands."""
+    parser.add_argument("--text-field", default="text", help="field/column holding the text")
+    parser.add_argument(
+        "--text-mode",
+        choices=TEXT_MODES,
+        default="file",
+        help="plain-text inputs: one document per file or line",
+    )

@@ -18,7 +18,7 @@ from pathlib import Path
 import sentencepiece as spm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data.readers import TEXT_MODES, expand_inputs, iter_documents
+from data.readers import add_text_arguments, expand_inputs, iter_documents
 
 EOD_TOKEN = "<|endoftext|>"
 KINDS = ("bpe", "sentencepiece")
@@ -108,13 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--type", choices=KINDS, default="bpe", help="byte-level BPE (HF) or sentencepiece")
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--text-field", default="text", help="field/column holding the text")
-    parser.add_argument(
-        "--text-mode",
-        choices=TEXT_MODES,
-        default="file",
-        help="plain-text inputs: one document per file or line",
-    )
+    add_text_arguments(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         out = train_tokenizer(

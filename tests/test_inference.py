@@ -3,39 +3,13 @@ cache's contents, generate() and the adaponder-generate command."""
 
 import pytest
 import torch
+from tiny_models import VOCAB, random_halting_model, tiny
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from launcher import generate as generate_cli
-from model import AdaPonderConfig, AdaPonderForCausalLM
+from model import AdaPonderForCausalLM
 from model.inference import AdaPonderCache
-
-VOCAB = 96
-
-
-def tiny(**overrides) -> AdaPonderConfig:
-    fields = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        gate_intermediate_size=16,
-        max_position_embeddings=64,
-    )
-    return AdaPonderConfig(**{**fields, **overrides})
-
-
-def halting_model(seed=0, **overrides) -> AdaPonderForCausalLM:
-    """Random gates around tau = 0.5: tokens exit after every possible pass, differently per
-    sequence and position."""
-    torch.manual_seed(seed)
-    model = AdaPonderForCausalLM(tiny(halt_threshold=0.5, **overrides))
-    with torch.no_grad():
-        for gate in model.ponder_gates:
-            gate.dense_out.weight.normal_(0.0, 2.0)
-            gate.dense_out.bias.fill_(0.8)
-    return model.eval()
 
 
 def left_padded_batch(lengths, total, seed=0):
@@ -50,10 +24,10 @@ def left_padded_batch(lengths, total, seed=0):
 
 
 MODELS = {
-    "adaptive": lambda: halting_model(seed=3),
-    "adaptive-sequential-residual": lambda: halting_model(seed=4, use_parallel_residual=False),
-    "ponderlm": lambda: halting_model(seed=5, adaptive=False),
-    "one-pass": lambda: halting_model(seed=6, num_passes=1),
+    "adaptive": lambda: random_halting_model(seed=3).eval(),
+    "adaptive-sequential-residual": lambda: random_halting_model(seed=4, use_parallel_residual=False).eval(),
+    "ponderlm": lambda: random_halting_model(seed=5, adaptive=False).eval(),
+    "one-pass": lambda: random_halting_model(seed=6, num_passes=1).eval(),
 }
 
 
@@ -102,7 +76,7 @@ def test_incremental_decoding_reproduces_the_parallel_forward(name):
 
 
 def test_sparse_forward_without_cache_equals_dense_gates_and_statistics():
-    model = halting_model(seed=8)
+    model = random_halting_model(seed=8).eval()
     ids, mask, positions = left_padded_batch([16, 11], 16, seed=2)
     real = mask.bool()
     with torch.no_grad():
@@ -117,7 +91,7 @@ def test_sparse_forward_without_cache_equals_dense_gates_and_statistics():
 
 
 def test_prefill_in_chunks_equals_prefill_at_once():
-    model = halting_model(seed=9)
+    model = random_halting_model(seed=9).eval()
     ids, mask, positions = left_padded_batch([15, 12, 7], 15, seed=3)
     real = mask.bool()
     whole = AdaPonderCache(model.config)
@@ -144,7 +118,7 @@ def test_prefill_in_chunks_equals_prefill_at_once():
 
 
 def test_cache_entries_after_halting_are_the_last_active_pass_and_match_training_alignment():
-    model = halting_model(seed=10)
+    model = random_halting_model(seed=10).eval()
     ids, mask, positions = left_padded_batch([13, 10], 13, seed=4)
     real = mask.bool()
     # The dense forward's aligned K/V of every pass and layer, as training computes them.
@@ -178,7 +152,7 @@ def count_rows(module, calls):
 
 
 def test_halted_tokens_are_never_computed_and_empty_passes_are_skipped():
-    model = halting_model(seed=11)
+    model = random_halting_model(seed=11).eval()
     ids, mask, positions = left_padded_batch([12, 8], 12, seed=5)
     mlp_rows, head_rows = [], []
     handles = [count_rows(model.gpt_neox.layers[0].mlp, mlp_rows), count_rows(model.embed_out, head_rows)]
@@ -203,7 +177,7 @@ def test_halted_tokens_are_never_computed_and_empty_passes_are_skipped():
 
 
 def test_greedy_generate_with_left_padding_matches_dense_recomputation():
-    model = halting_model(seed=12)
+    model = random_halting_model(seed=12).eval()
     model.generation_config.eos_token_id = None  # run all steps (EOS is tested below)
     ids, mask, _ = left_padded_batch([7, 4, 2], 7, seed=6)
     new = 9
@@ -219,7 +193,7 @@ def test_greedy_generate_with_left_padding_matches_dense_recomputation():
 
 
 def test_sampling_generate_equals_uncached_generation_and_stops_at_eos():
-    model = halting_model(seed=13)
+    model = random_halting_model(seed=13).eval()
     ids, mask, _ = left_padded_batch([6, 3], 6, seed=7)
     kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, top_p=0.9, pad_token_id=0)
     torch.manual_seed(0)
@@ -235,7 +209,7 @@ def test_sampling_generate_equals_uncached_generation_and_stops_at_eos():
 
 
 def test_beam_search_with_the_cache_equals_uncached_beam_search():
-    model = halting_model(seed=17)
+    model = random_halting_model(seed=17).eval()
     model.generation_config.eos_token_id = None
     ids, mask, _ = left_padded_batch([5, 3], 5, seed=9)
     kwargs = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
@@ -256,7 +230,7 @@ def test_one_pass_generation_equals_transformers_gpt_neox(tmp_path):
 
 
 def test_cache_memory_and_user_errors():
-    model = halting_model(seed=15)
+    model = random_halting_model(seed=15).eval()
     cfg = model.config
     ids = torch.randint(1, VOCAB, (2, 6))
     cache = AdaPonderCache(cfg, max_length=10)
@@ -290,7 +264,7 @@ def save_tiny_tokenizer(path):
 
 
 def test_generate_command_prints_completions_with_passes(tmp_path, capsys):
-    halting_model(seed=16).save_pretrained(tmp_path)
+    random_halting_model(seed=16).eval().save_pretrained(tmp_path)
     save_tiny_tokenizer(tmp_path)
     argv = ["--model", str(tmp_path), "--prompt", "w1 w2 w3", "--prompt", "w4", "--max-new-tokens", "6"]
     assert generate_cli.main(argv) == 0

@@ -4,25 +4,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import VOCAB, random_halting_model, tiny
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from model import AdaPonderConfig, AdaPonderForCausalLM
 from model.modeling import bottom_k_gate_loss, forward_flops
-
-VOCAB = 96
-
-
-def tiny(**overrides) -> AdaPonderConfig:
-    fields = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        gate_intermediate_size=16,
-        max_position_embeddings=64,
-    )
-    return AdaPonderConfig(**{**fields, **overrides})
 
 
 def hf_checkpoint(tmp_path, rotary_pct=0.25, parallel=True, seed=0):
@@ -41,17 +27,6 @@ def hf_checkpoint(tmp_path, rotary_pct=0.25, parallel=True, seed=0):
     hf = GPTNeoXForCausalLM(config).eval()
     hf.save_pretrained(tmp_path)
     return hf
-
-
-def random_halting_model(seed=0, **overrides) -> AdaPonderForCausalLM:
-    """Gates with random weights and tau = 0.5, so tokens exit after every possible pass."""
-    torch.manual_seed(seed)
-    model = AdaPonderForCausalLM(tiny(halt_threshold=0.5, **overrides))
-    with torch.no_grad():
-        for gate in model.ponder_gates:
-            gate.dense_out.weight.normal_(0.0, 2.0)
-            gate.dense_out.bias.fill_(0.8)
-    return model
 
 
 # -------------------------------------------------------------------------------------------------
