@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -397,6 +398,19 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
             mixture_BTD = self.gpt_neox.embed_in(logits_BTV.softmax(-1))
         return mixture_BTD * self.config.embed_scale
 
+    def _ponder_embedding_maybe_recomputed(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """`ponder_embedding`, recomputed in backward under activation checkpointing.
+
+        Its [B, T, V] logits and fp32 probabilities dominate a pass's activations at Pythia's vocabulary
+        (1.6 GB each per pass for 4 x 2048 tokens); recomputing keeps only h [B, T, D] per pass.
+        """
+        checkpointing = self.gpt_neox.layers[
+            0
+        ].gradient_checkpointing  # set by activation_checkpointing_enable
+        if checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.ponder_embedding, h_BTD, use_reentrant=False)
+        return self.ponder_embedding(h_BTD)
+
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         if not input_ids.numel():
             return
@@ -511,7 +525,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
             h_out_BTD = h_BTD if i == 0 else torch.where(active_BT[..., None], h_BTD, h_out_BTD)
             if i == cfg.num_passes - 1:
                 break
-            e_ponder_BTD = self.ponder_embedding(h_BTD)  # e^i = P^i @ (W_in * scale)
+            e_ponder_BTD = self._ponder_embedding_maybe_recomputed(h_BTD)  # e^i = P^i @ (W_in * scale)
             if cfg.adaptive:
                 s_BT = self.ponder_gates[i](h_BTD)  # s^i = sigmoid(MLP_i(h^i))
                 gates.append(torch.where(active_BT, s_BT, torch.zeros_like(s_BT)))
