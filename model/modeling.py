@@ -434,6 +434,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         cache: Any = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        exit_passes: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> AdaPonderOutput:
         """K-pass pondering forward, dense (training; `dense=True`) or sparse with a per-pass KV
@@ -444,7 +445,10 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         if labels is not None and logits_to_keep:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
         past_real_B = None
-        if self._runs_sparse(dense, cache, use_cache):
+        sparse = self._runs_sparse(dense, cache, use_cache)
+        if exit_passes is not None:
+            self._check_exit_passes(exit_passes, input_ids, sparse)
+        if sparse:
             from model.inference import checked_cache, sparse_ponder  # inference builds on this module
 
             returns_cache = use_cache is not False and (cache is not None or bool(use_cache))
@@ -463,7 +467,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
                 else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
             )
             mask = _padding_mask(attention_mask)
-            h_out_BTD, active_KBT, gates_UBT = self._ponder(input_ids, position_ids, mask)
+            h_out_BTD, active_KBT, gates_UBT = self._ponder(input_ids, position_ids, mask, exit_passes)
         # generate() asks for the last position only (logits_to_keep=1): no head for the others.
         logits_BTV = self.embed_out(h_out_BTD[:, -logits_to_keep:] if logits_to_keep else h_out_BTD)
         out = AdaPonderOutput(logits=logits_BTV, gates=gates_UBT, cache=cache if returns_cache else None)
@@ -501,10 +505,28 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
             max_length = max(generation_config.max_length - 1, 1)
             model_kwargs["cache"] = checked_cache(model_kwargs.get("cache"), self.config, max_length)
 
+    def _check_exit_passes(self, exit_passes: torch.Tensor, input_ids: torch.Tensor, sparse: bool) -> None:
+        if sparse or not self.config.adaptive:
+            raise ValueError("exit_passes replaces the gates' halting: it needs an adaptive model, dense")
+        if exit_passes.shape != input_ids.shape:
+            raise ValueError(
+                f"exit_passes has shape {tuple(exit_passes.shape)}, input_ids {tuple(input_ids.shape)}"
+            )
+        low, high = (int(x) for x in exit_passes.aminmax())
+        if low < 1 or high > self.config.num_passes:
+            raise ValueError(f"exit_passes must lie in [1, {self.config.num_passes}], got [{low}, {high}]")
+
     def _ponder(
-        self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor, mask: torch.Tensor | None
+        self,
+        input_ids_BT: torch.Tensor,
+        position_ids_BT: torch.Tensor,
+        mask: torch.Tensor | None,
+        exit_passes_BT: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The pondering loop (SPEC.md section 1), dense.
+
+        `exit_passes_BT` (passes per token, 1..K) replaces the threshold decision 1[s^i >= tau] for
+        fixed-pruning baselines; the gates still scale the updates.
 
         Returns the frozen outputs h_out [B, T, D], the activity mask m^i of every pass [K, B, T]
         and the gate values s^i of every update [K-1, B, T] (0 for already-halted tokens; None
@@ -530,7 +552,10 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
                 s_BT = self.ponder_gates[i](h_BTD)  # s^i = sigmoid(MLP_i(h^i))
                 gates.append(torch.where(active_BT, s_BT, torch.zeros_like(s_BT)))
                 # m^{i+1} = m^i * 1[s^i >= tau]: hard, monotonic, no gradient.
-                active_BT = active_BT & (s_BT.detach() >= cfg.halt_threshold)
+                keep_BT = (
+                    s_BT.detach() >= cfg.halt_threshold if exit_passes_BT is None else exit_passes_BT > i + 1
+                )
+                active_BT = active_BT & keep_BT
                 # E^{i+1} = E^i + m^{i+1} * s^i * e^i
                 step_BT1 = (active_BT * s_BT)[..., None].to(e_BTD.dtype)
                 e_BTD = e_BTD + step_BT1 * e_ponder_BTD

@@ -466,3 +466,21 @@ def test_activation_checkpointing_recomputes_the_vocabulary_sized_mixture():
     # Without recomputation each of the K - 1 mixtures keeps at least its fp32 probabilities [B, T, V].
     probs_bytes = 2 * 32 * 4096 * 4
     assert plain - checkpointed >= (model.config.num_passes - 1) * probs_bytes
+
+
+def test_exit_passes_replace_the_gates_halting_decision():
+    model = random_halting_model(seed=17).eval()
+    ids = torch.randint(0, VOCAB, (2, 10))
+    learned = model(ids, dense=True)
+    # Forcing the learned pattern reproduces the learned forward exactly.
+    forced_same = model(ids, dense=True, exit_passes=learned.passes)
+    assert torch.equal(forced_same.logits, learned.logits)
+    # Any other pattern is run as given, with frozen outputs for the tokens it stops.
+    pattern = torch.randint(1, 5, ids.shape, generator=torch.Generator().manual_seed(1))
+    forced = model(ids, dense=True, exit_passes=pattern)
+    assert torch.equal(forced.passes, pattern)
+    assert not torch.allclose(forced.logits, learned.logits)
+    with pytest.raises(ValueError, match="exit_passes must lie"):
+        model(ids, dense=True, exit_passes=torch.zeros_like(ids))
+    with pytest.raises(ValueError, match="adaptive model"):
+        random_halting_model(seed=18, adaptive=False)(ids, exit_passes=pattern)
