@@ -8,6 +8,8 @@
     multiply_pondering_steps  multiply the first input embedding by max(K - 1, 1)
     ponder_topk               restrict the pondering mixture to the k most probable tokens (0: off)
     halt_threshold            tau: a token halts when its gate s < tau
+    max_passes                cap on passes per token at inference (None: num_passes); with tau, the
+                              inference-time compute knob (both can also be passed to forward())
     gate_intermediate_size    width of each gate MLP (default 4d)
     gate_bias_init            initial output bias of the gates (positive: every token ponders at first)
     adaptive                  gates and halting on; off is plain PonderLM
@@ -86,6 +88,7 @@ class AdaPonderConfig(PretrainedConfig):
         multiply_pondering_steps: bool = False,
         ponder_topk: int = 0,
         halt_threshold: float = 1e-4,
+        max_passes: int | None = None,
         gate_intermediate_size: int | None = None,
         gate_bias_init: float = 4.0,
         adaptive: bool = True,
@@ -111,6 +114,7 @@ class AdaPonderConfig(PretrainedConfig):
         self.multiply_pondering_steps = multiply_pondering_steps
         self.ponder_topk = ponder_topk
         self.halt_threshold = halt_threshold
+        self.max_passes = max_passes
         self.gate_intermediate_size = gate_intermediate_size or 4 * hidden_size
         self.gate_bias_init = gate_bias_init
         self.adaptive = adaptive
@@ -154,6 +158,10 @@ class AdaPonderConfig(PretrainedConfig):
             )
         if not 0.0 <= self.halt_threshold < 1.0:
             raise ValueError(f"halt_threshold must be in [0, 1), got {self.halt_threshold}")
+        if self.max_passes is not None and not 1 <= self.max_passes <= self.num_passes:
+            raise ValueError(
+                f"max_passes must be in [1, num_passes={self.num_passes}] or None, got {self.max_passes}"
+            )
         if self.ponder_topk < 0 or self.ponder_topk > self.vocab_size:
             raise ValueError(f"ponder_topk must be in [0, vocab_size], got {self.ponder_topk}")
         for name in ("vocab_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings"):

@@ -60,10 +60,15 @@ class AdaPonderCache:
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, config: AdaPonderConfig, max_length: int | None = None) -> None:
+    def __init__(self, config: AdaPonderConfig, max_length: int | None = None, scratch: bool = False) -> None:
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.num_passes = config.num_passes
+        # A scratch cache serves one forward that returns no cache: pass i only reads pass i and
+        # writes pass i's entries over pass i - 1's, so two slots (i % 2) hold what is needed,
+        # 2 / K of the memory. Its contents cannot be read back or extended.
+        self.scratch = scratch
+        self.num_slots = min(2, config.num_passes) if scratch else config.num_passes
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.head_size = config.head_size
@@ -93,11 +98,16 @@ class AdaPonderCache:
 
     def keys(self, pass_idx: int, layer_idx: int) -> torch.Tensor:
         """Aligned keys [B, N, S, H] that pass `pass_idx` of layer `layer_idx` attends to."""
-        return self._stored()[pass_idx, layer_idx, 0, :, :, : self.seq_length]
+        return self._readable()[pass_idx, layer_idx, 0, :, :, : self.seq_length]
 
     def values(self, pass_idx: int, layer_idx: int) -> torch.Tensor:
         """Aligned values [B, N, S, H], as `keys`."""
-        return self._stored()[pass_idx, layer_idx, 1, :, :, : self.seq_length]
+        return self._readable()[pass_idx, layer_idx, 1, :, :, : self.seq_length]
+
+    def _readable(self) -> torch.Tensor:
+        if self.scratch:
+            raise ValueError("a scratch cache keeps two passes only; its entries cannot be read back")
+        return self._stored()
 
     @property
     def real(self) -> torch.Tensor:
@@ -120,7 +130,7 @@ class AdaPonderCache:
 
     def layer_kv(self, pass_idx: int) -> list[KVStore]:
         """(keys, values) [B, N, capacity, H] of every layer of one pass, beyond the used length too."""
-        return self._layer_kv[pass_idx]
+        return self._layer_kv[pass_idx % self.num_slots]
 
     def _stored(self) -> torch.Tensor:
         if self.kv is None:
@@ -129,6 +139,8 @@ class AdaPonderCache:
 
     def reserve(self, batch_size: int, length: int, dtype: torch.dtype, device: torch.device) -> None:
         """Make room for `length` positions of `batch_size` sequences, keeping what is cached."""
+        if self.scratch and self.kv is not None:
+            raise ValueError("a scratch cache serves a single forward")
         if self.kv is not None and batch_size != self.batch_size:
             raise ValueError(f"the cache holds a batch of {self.batch_size} sequences, got {batch_size}")
         if self.kv is not None and (dtype != self.kv.dtype or device != self.kv.device):
@@ -136,7 +148,7 @@ class AdaPonderCache:
         if length <= self.capacity:
             return
         capacity = max(length, 2 * self.capacity, self.max_length or 0)
-        shape = (self.num_passes, self.num_layers, 2, batch_size, self.num_heads, capacity, self.head_size)
+        shape = (self.num_slots, self.num_layers, 2, batch_size, self.num_heads, capacity, self.head_size)
         # Zeros, not empty: padding positions are never computed, and a masked key whose value row
         # held NaN garbage would still poison the attention output (0 * NaN).
         kv = torch.zeros(shape, dtype=dtype, device=device)
@@ -157,20 +169,22 @@ class AdaPonderCache:
     def _set(self, kv: torch.Tensor, real_BC: torch.Tensor, passes_BC: torch.Tensor) -> None:
         self.kv, self._real_BC, self._passes_BC = kv, real_BC, passes_BC
         self._layer_kv = [
-            [(kv[i, j, 0], kv[i, j, 1]) for j in range(self.num_layers)] for i in range(self.num_passes)
+            [(kv[i, j, 0], kv[i, j, 1]) for j in range(self.num_layers)] for i in range(self.num_slots)
         ]
 
     def carry_forward(self, pass_idx: int, start: int, end: int) -> None:
         """Copy positions [start, end) of pass `pass_idx - 1` into pass `pass_idx`, all layers: a
         token that halts before this pass keeps its last active K/V (active tokens overwrite)."""
-        kv = self._stored()
-        kv[pass_idx, ..., start:end, :] = kv[pass_idx - 1, ..., start:end, :]
+        kv, slots = self._stored(), self.num_slots
+        kv[pass_idx % slots, ..., start:end, :] = kv[(pass_idx - 1) % slots, ..., start:end, :]
 
 
-def checked_cache(cache: object, config: AdaPonderConfig, max_length: int | None = None) -> AdaPonderCache:
+def checked_cache(
+    cache: object, config: AdaPonderConfig, max_length: int | None = None, scratch: bool = False
+) -> AdaPonderCache:
     """`cache` if it is an AdaPonderCache, a new one if it is None; a ValueError otherwise."""
     if cache is None:
-        return AdaPonderCache(config, max_length)
+        return AdaPonderCache(config, max_length, scratch)
     if not isinstance(cache, AdaPonderCache):
         raise ValueError(f"cache must be a model.inference.AdaPonderCache, got {type(cache).__name__}")
     shape = (config.num_passes, config.num_hidden_layers, config.num_attention_heads, config.head_size)
@@ -320,6 +334,7 @@ def _ponder_step(
     e_nD: torch.Tensor,
     flat_n: torch.Tensor | None,
     gates_UX: torch.Tensor | None,
+    tau: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gate, halt and update: E^{i+1} of the tokens that go on to the next pass, and their chunk
     indices (None: every chunk position). Head, softmax and mixture run only for those tokens."""
@@ -328,7 +343,7 @@ def _ponder_step(
         return e_nD + _mixture(model, h_nD), flat_n  # PonderLM: E^{i+1} = E^i + e^i
     s_n = model.ponder_gates[pass_idx](h_nD)  # s^i = sigmoid(MLP_i(h^i)), fp32
     gates_UX[pass_idx, flat_n if flat_n is not None else slice(None)] = s_n
-    keep_n = s_n >= cfg.halt_threshold  # m^{i+1} = m^i * 1[s^i >= tau]
+    keep_n = s_n >= tau  # m^{i+1} = m^i * 1[s^i >= tau]
     if not bool(keep_n.all()):
         idx = keep_n.nonzero().squeeze(-1)
         h_nD, e_nD, s_n = h_nD[idx], e_nD[idx], s_n[idx]
@@ -379,11 +394,14 @@ def sparse_ponder(
     attention_mask: torch.Tensor | None,
     position_ids_BT: torch.Tensor | None,
     cache: AdaPonderCache,
+    tau: float,
+    num_run: int,
 ) -> SparsePonderResult:
     """The pondering loop of SPEC.md section 1 on active tokens only, appending to `cache`.
 
     `position_ids` default to the cache positions (past .. past + T - 1), like the dense forward's
-    arange; generate() passes transformers' left-padding ones. No gradients: inference only.
+    arange; generate() passes transformers' left-padding ones. Tokens halt when s^i < `tau`, and
+    all stop after pass `num_run` (the max_passes cap). No gradients: inference only.
     """
     cfg = model.config
     b, t = input_ids_BT.shape
@@ -416,8 +434,8 @@ def sparse_ponder(
     has_gates = cfg.adaptive and cfg.num_passes > 1
     gates_UX = torch.zeros(cfg.num_passes - 1, b * t, device=device) if has_gates else None
     for i in range(cfg.num_passes):
-        n = b * t if flat_n is None else flat_n.numel()
-        if i > 0 and n < n_real:
+        n = 0 if i >= num_run else b * t if flat_n is None else flat_n.numel()
+        if i > 0 and n < n_real and not (cache.scratch and i >= num_run):
             cache.carry_forward(i, past, past + t)
         if n == 0:
             continue  # nothing active: the pass is skipped (its cache entries carried above)
@@ -430,8 +448,8 @@ def sparse_ponder(
             lay = _packed_layout(flat_n, b, t, past, cos_XR, sin_XR, real_BS)
             h_nD = _run_pass(model, e_nD, cache.layer_kv(i), lay)
             h_out_XD[flat_n] = h_nD  # overwritten each pass: ends as the last active pass's output
-        if i < cfg.num_passes - 1:
-            e_nD, flat_n = _ponder_step(model, i, h_nD, e_nD, flat_n, gates_UX)
+        if i < num_run - 1:
+            e_nD, flat_n = _ponder_step(model, i, h_nD, e_nD, flat_n, gates_UX, tau)
             if flat_n is None:
                 active_KX[i + 1] = True
     active_KBT = active_KX.view(-1, b, t)

@@ -435,25 +435,30 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         exit_passes: torch.Tensor | None = None,
+        halt_threshold: float | None = None,
+        max_passes: int | None = None,
         **kwargs: Any,
     ) -> AdaPonderOutput:
-        """K-pass pondering forward, dense (training; `dense=True`) or sparse with a per-pass KV
-        cache (`dense=False`, or `cache` / `use_cache` in eval mode; model/inference.py). See
+        """K-pass pondering forward, dense (training; `dense=True`) or sparse, skipping halted
+        tokens (eval mode by default; model/inference.py). `halt_threshold` (tau) and `max_passes`
+        override the config's for this call: the inference-time compute knob. See
         docs/model-api.md for arguments and outputs."""
         cache = cache if cache is not None else kwargs.get("past_key_values")
         self._check_input_ids(input_ids)
         if labels is not None and logits_to_keep:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
+        tau, num_run = self._compute_knob(halt_threshold, max_passes)
         past_real_B = None
-        sparse = self._runs_sparse(dense, cache, use_cache)
+        sparse = self._runs_sparse(dense, cache, use_cache, exit_passes is not None)
         if exit_passes is not None:
             self._check_exit_passes(exit_passes, input_ids, sparse)
         if sparse:
             from model.inference import checked_cache, sparse_ponder  # inference builds on this module
 
             returns_cache = use_cache is not False and (cache is not None or bool(use_cache))
-            cache = checked_cache(cache, self.config)
-            result = sparse_ponder(self, input_ids, attention_mask, position_ids, cache)
+            # Without a cache to return, only two passes' K/V are ever needed (model.inference).
+            cache = checked_cache(cache, self.config, scratch=not returns_cache)
+            result = sparse_ponder(self, input_ids, attention_mask, position_ids, cache, tau, num_run)
             h_out_BTD, active_KBT, gates_UBT = result.h_out, result.active, result.gates
             real_BT, past_real_B = result.real, result.past_real
         else:
@@ -467,7 +472,9 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
                 else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
             )
             mask = _padding_mask(attention_mask)
-            h_out_BTD, active_KBT, gates_UBT = self._ponder(input_ids, position_ids, mask, exit_passes)
+            h_out_BTD, active_KBT, gates_UBT = self._ponder(
+                input_ids, position_ids, mask, exit_passes, tau, num_run
+            )
         # generate() asks for the last position only (logits_to_keep=1): no head for the others.
         logits_BTV = self.embed_out(h_out_BTD[:, -logits_to_keep:] if logits_to_keep else h_out_BTD)
         out = AdaPonderOutput(logits=logits_BTV, gates=gates_UBT, cache=cache if returns_cache else None)
@@ -478,16 +485,38 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
             out.flops = forward_flops(self.config, active_KBT, real_BT, past_real_B)
         return out
 
-    def _runs_sparse(self, dense: bool | None, cache: Any, use_cache: bool | None) -> bool:
-        """Dense in training mode and with `dense=True`; sparse with `dense=False` and, in eval
-        mode, whenever a cache is passed or asked for (generate())."""
+    def _compute_knob(self, halt_threshold: float | None, max_passes: int | None) -> tuple[float, int]:
+        """tau and the passes to run at most, from the call's arguments or else the config."""
+        k = self.config.num_passes
+        tau = self.config.halt_threshold if halt_threshold is None else float(halt_threshold)
+        cap = max_passes if max_passes is not None else self.config.max_passes
+        if not 0.0 <= tau < 1.0:
+            raise ValueError(f"halt_threshold must be in [0, 1), got {tau}")
+        if cap is not None and not 1 <= cap <= k:
+            raise ValueError(f"max_passes must be in [1, num_passes={k}], got {cap}")
+        return tau, k if cap is None else int(cap)
+
+    def _runs_sparse(self, dense: bool | None, cache: Any, use_cache: bool | None, exits: bool) -> bool:
+        """Dense in training mode, with `dense=True` and with `exit_passes`; sparse with
+        `dense=False`, whenever a cache is passed or asked for, and by default in eval mode.
+
+        The default stays dense where the sparse path would be wrong or useless: parameters
+        partitioned by DeepSpeed ZeRO-3 (every rank must run the same modules), gradients being
+        recorded (the sparse path computes none), nothing that can halt (not adaptive).
+        """
         if dense is None:
-            dense = self.training or (cache is None and not use_cache)
+            wants_cache = cache is not None or bool(use_cache)
+            dense = self.training or exits or (not wants_cache and not self._skips_halted_by_default())
         if dense and cache is not None:
             raise ValueError("a KV cache needs the sparse path: call model.eval() and leave dense unset")
         if not dense and self.training:
             raise ValueError("the sparse path is for inference: call model.eval() (training runs dense)")
         return not dense
+
+    def _skips_halted_by_default(self) -> bool:
+        partitioned = hasattr(self.embed_out.weight, "ds_id")  # ZeRO-3 marks its parameters so
+        records_grad = torch.is_grad_enabled() and self.embed_out.weight.requires_grad
+        return self.config.adaptive and self.config.num_passes > 1 and not partitioned and not records_grad
 
     def _prepare_cache_for_generation(
         self, generation_config: Any, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
@@ -521,12 +550,15 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         input_ids_BT: torch.Tensor,
         position_ids_BT: torch.Tensor,
         mask: torch.Tensor | None,
-        exit_passes_BT: torch.Tensor | None = None,
+        exit_passes_BT: torch.Tensor | None,
+        tau: float,
+        num_run: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The pondering loop (SPEC.md section 1), dense.
 
         `exit_passes_BT` (passes per token, 1..K) replaces the threshold decision 1[s^i >= tau] for
-        fixed-pruning baselines; the gates still scale the updates.
+        fixed-pruning baselines; the gates still scale the updates. Only the first `num_run` passes
+        run (the `max_passes` cap): every token still active then stops there.
 
         Returns the frozen outputs h_out [B, T, D], the activity mask m^i of every pass [K, B, T]
         and the gate values s^i of every update [K-1, B, T] (0 for already-halted tokens; None
@@ -539,22 +571,20 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         active_BT = torch.ones_like(input_ids_BT, dtype=torch.bool)  # m^0 = 1
         actives, gates = [active_BT], []
         kv_prev, h_out_BTD = None, None
-        for i in range(cfg.num_passes):
+        for i in range(num_run):
             h_BTD, kv_prev = self.gpt_neox.run_pass(
                 e_BTD, cos, sin, mask, kv_prev, active_BT if i > 0 and cfg.adaptive else None
             )
             # Halted tokens' outputs are frozen: h_out = where(m^i, h^i, h_out_prev).
             h_out_BTD = h_BTD if i == 0 else torch.where(active_BT[..., None], h_BTD, h_out_BTD)
-            if i == cfg.num_passes - 1:
+            if i == num_run - 1:
                 break
             e_ponder_BTD = self._ponder_embedding_maybe_recomputed(h_BTD)  # e^i = P^i @ (W_in * scale)
             if cfg.adaptive:
                 s_BT = self.ponder_gates[i](h_BTD)  # s^i = sigmoid(MLP_i(h^i))
                 gates.append(torch.where(active_BT, s_BT, torch.zeros_like(s_BT)))
                 # m^{i+1} = m^i * 1[s^i >= tau]: hard, monotonic, no gradient.
-                keep_BT = (
-                    s_BT.detach() >= cfg.halt_threshold if exit_passes_BT is None else exit_passes_BT > i + 1
-                )
+                keep_BT = s_BT.detach() >= tau if exit_passes_BT is None else exit_passes_BT > i + 1
                 active_BT = active_BT & keep_BT
                 # E^{i+1} = E^i + m^{i+1} * s^i * e^i
                 step_BT1 = (active_BT * s_BT)[..., None].to(e_BTD.dtype)
@@ -562,6 +592,10 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
             else:
                 e_BTD = e_BTD + e_ponder_BTD  # PonderLM: E^{i+1} = E^i + e^i
             actives.append(active_BT)
+        # Passes cut by the cap: nobody active, no gate evaluated.
+        cut = cfg.num_passes - num_run
+        actives += [torch.zeros_like(active_BT)] * cut
+        gates += [torch.zeros_like(active_BT, dtype=torch.float32)] * (cut if cfg.adaptive else 0)
         gates_UBT = torch.stack(gates) if gates else None
         return h_out_BTD, torch.stack(actives), gates_UBT
 
