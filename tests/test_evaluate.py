@@ -195,27 +195,32 @@ TASK_ROWS = [
 ]
 
 
-def local_task(directory: Path) -> None:
-    """A multiple-choice lm-eval task defined by a jsonl file and a YAML file, nothing from the hub."""
+def local_tasks(directory: Path) -> None:
+    """Two lm-eval tasks defined by a jsonl file and YAML files, nothing from the hub: multiple
+    choice (loglikelihood) and greedy generation."""
     directory.mkdir()
     (directory / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TASK_ROWS))
+    common = (
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {directory / 'rows.jsonl'}\n"
+        'test_split: test\ndoc_to_text: "{{context}}"\n'
+    )
     (directory / "tiny_choice.yaml").write_text(
-        "task: tiny_choice\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {directory / 'rows.jsonl'}\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        'doc_to_text: "{{context}}"\n'
-        'doc_to_choice: "{{choices}}"\n'
-        'doc_to_target: "{{label}}"\n'
+        f"task: tiny_choice\n{common}output_type: multiple_choice\n"
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    (directory / "tiny_generate.yaml").write_text(
+        f"task: tiny_generate\n{common}output_type: generate_until\n"
+        'doc_to_target: "{{choices[0]}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 6\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
     )
 
 
 def test_local_lm_eval_task_reports_its_metric_passes_and_compute(trained, tmp_path):
     pytest.importorskip("lm_eval")
     _, export, _, taus = trained
-    local_task(tmp_path / "tasks")
+    local_tasks(tmp_path / "tasks")
     args = ["--tasks", "tiny_choice", "--include-path", str(tmp_path / "tasks"), "--batch-size", "4"]
     report = evaluate(
         export, tmp_path / "out", *args, "--sweep-threshold", str(taus[1]), "--policies", "uniform"
@@ -256,3 +261,19 @@ def test_user_errors_name_the_argument(trained, tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
     assert main([str(run), "--output", str(tmp_path), "--data", prefix, "--policies", "random"]) == 2
     assert "--policies" in capsys.readouterr().err
+
+
+def test_local_generation_task_counts_the_generated_tokens_passes(trained, tmp_path):
+    pytest.importorskip("lm_eval")
+    _, export, _, taus = trained
+    local_tasks(tmp_path / "tasks")
+    args = ["--tasks", "tiny_generate", "--include-path", str(tmp_path / "tasks"), "--batch-size", "4"]
+    report = evaluate(export, tmp_path / "out", *args, "--sweep-threshold", str(taus[1]))
+    trained_entry, swept = report["tasks"]["tiny_generate"]
+    assert "exact_match,none" in swept["metrics"]
+    k = report["model"]["num_passes"]
+    # Prompts plus at least one generated token each, every token counted once.
+    prompts = sum(len(load_tokenizer(str(export))(r["context"])["input_ids"]) for r in TASK_ROWS)
+    assert trained_entry["tokens"] > prompts and swept["tokens"] > prompts
+    assert trained_entry["mean_passes"] == k
+    assert 1 < swept["mean_passes"] < k and swept["compute_vs_dense"] < 1

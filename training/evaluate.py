@@ -458,10 +458,11 @@ def evaluate_tasks(
             torch_random_seed=seed,
             fewshot_random_seed=seed,
         )
+        # lm-eval names metrics "metric,filter" (other keys: alias, sample_len, ...).
         metrics = {
             name: value
             for name, value in output["results"].get(task, {}).items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            if "," in name and isinstance(value, (int, float)) and not isinstance(value, bool)
         }
         results[task] = {"metrics": metrics} | lm.tally.compute()
     return results
@@ -502,9 +503,9 @@ def task_points(
 
 
 def primary_metric(metrics: dict[str, float]) -> str | None:
-    """The metric a task's curve shows: acc_norm, acc, else the first non-stderr one."""
+    """The metric a task's curve shows: acc_norm, acc, exact_match, else the first non-stderr one."""
     names = [n for n in metrics if "stderr" not in n]
-    for preferred in ("acc_norm,none", "acc,none"):
+    for preferred in ("acc_norm,none", "acc,none", "exact_match,none"):
         if preferred in names:
             return preferred
     return names[0] if names else None
@@ -573,6 +574,12 @@ def write_report(report: dict, output: str | Path) -> dict[str, Path]:
         "nll": output / "nll_by_passes.png",
     }
     paths["json"].write_text(json.dumps(report, indent=1))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            f"wrote {paths['json']}; the plots need matplotlib: pip install -e '.[eval]'"
+        ) from None
     plot_quality_vs_compute(report, paths["quality"])
     plot_nll_by_passes(report, paths["nll"])
     return paths
