@@ -249,6 +249,7 @@ def test_local_lm_eval_task_reports_its_metric_passes_and_compute(trained, tmp_p
     assert entries[0]["mean_passes"] == report["model"]["num_passes"]
     assert entries[1]["mean_passes"] == pytest.approx(float(passes.mean()), rel=1e-9)
     assert entries[1]["compute_vs_dense"] < 1.0 < entries[1]["compute_vs_k1"]
+    assert entries[3]["target_mean_passes"] == entries[1]["mean_passes"]
     assert abs(entries[3]["mean_passes"] - entries[1]["mean_passes"]) < 0.5  # drawn, not stratified
     assert_png(tmp_path / "out" / "quality_vs_compute.png")
 

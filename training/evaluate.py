@@ -17,14 +17,16 @@ Writes DIR/eval.json, DIR/quality_vs_compute.png and DIR/nll_by_passes.png. The 
                  "tokens": int, "flops_per_token": float, "compute_vs_k1": float,
                  "compute_vs_dense": float, "nll_by_passes": [{"passes": j, "fraction": f, "nll": x}],
                  "target_mean_passes": float (fixed pruning only)}, ...],
-     "tasks": {TASK: [{"policy", "halt_threshold", "max_passes", "metrics": {...}, "mean_passes",
-                       "tokens", "flops_per_token", "compute_vs_k1", "compute_vs_dense"}, ...]}}
+     "tasks": {TASK: [{"policy", "halt_threshold", "max_passes", "metrics": {"acc,none": ...},
+                       "mean_passes", "tokens", "flops_per_token", "compute_vs_k1",
+                       "compute_vs_dense", "target_mean_passes" (fixed pruning only)}, ...]}}
 
 The first point is the model at its trained settings (tau and cap from its config); learned points
 follow, one per further tau of `--sweep-threshold`; then, for each learned point and each policy of
 `--policies`, fixed pruning (exit depths drawn from that distribution, dense, `exit_passes`) at the
-learned point's mean passes. `nll_by_passes` lists the passes run by at least one token. Without
-`--data`, `points` is empty and only `tasks` is filled (one entry per learned / fixed setting).
+learned point's mean passes. `nll_by_passes` lists the passes run by at least one token. Tasks run at
+the same learned settings, and fixed pruning at the mean passes of the task's own tokens (exit
+depths drawn per token, loglikelihood tasks only). Without `--data`, `points` is empty.
 """
 
 from __future__ import annotations
@@ -472,13 +474,12 @@ def task_points(
     model: AdaPonderForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
     tasks: list[str],
-    points: list[dict[str, Any]],
     thresholds: list[float],
     policies: list[str],
     **options: Any,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Tasks at every learned setting and, for each policy, at the matching mean passes (from the
-    perplexity points when there are some, else from the task's own learned run)."""
+    """Tasks at every learned setting and, for each policy, fixed pruning at the mean passes the
+    task's tokens ran at that setting."""
     options["manager"] = task_manager(tasks, options.get("include_path"))
     table: dict[str, list[dict[str, Any]]] = {task: [] for task in tasks}
     learned = []
@@ -487,11 +488,10 @@ def task_points(
         for task in tasks:
             table[task].append({"policy": "learned", "halt_threshold": tau, "max_passes": cap} | result[task])
         learned.append(result)
-    by_setting = [p for p in points if p["policy"] == "learned"]
-    for i, result in enumerate(learned):
+    for result in learned:
         for policy in policies:
             for task in tasks:
-                mean = by_setting[i]["mean_passes"] if by_setting else result[task]["mean_passes"]
+                mean = result[task]["mean_passes"]
                 probs = EXIT_DISTRIBUTIONS[policy](mean, model.config.num_passes)
                 fixed = evaluate_tasks(model, tokenizer, [task], exit_probs=probs, **options)[task]
                 entry = {"policy": policy, "halt_threshold": None, "max_passes": None}
@@ -661,7 +661,7 @@ def run(args: argparse.Namespace) -> dict:
         }
         tasks = [t for t in args.tasks.split(",") if t]
         report["tasks"] = task_points(
-            model, load_tokenizer(tokenizer_path), tasks, report["points"], thresholds, policies, **options
+            model, load_tokenizer(tokenizer_path), tasks, thresholds, policies, **options
         )
     return report
 
