@@ -150,17 +150,26 @@ def test_run_directory_and_its_export_give_the_same_numbers(trained, tmp_path):
     assert from_run["model"]["parameters"] == from_export["model"]["parameters"]
 
 
-def test_sweep_has_one_point_per_tau_and_fixed_pruning_at_the_learned_mean_passes(trained, tmp_path):
+def test_sweep_has_one_point_per_setting_and_fixed_pruning_at_the_learned_mean_passes(trained, tmp_path):
     run, _, prefix, taus = trained
     sweep = ",".join(str(t) for t in taus)
+    policies = ["--policies", "uniform,geometric"]
     report = evaluate(
-        run, tmp_path, *data_args(prefix), "--sweep-threshold", sweep, "--policies", "uniform,geometric"
+        run, tmp_path, *data_args(prefix), "--sweep-threshold", sweep, "--sweep-max-passes", "1,2", *policies
     )
-    k = report["model"]["num_passes"]
+    k, trained_tau = report["model"]["num_passes"], report["model"]["halt_threshold"]
     learned = [p for p in report["points"] if p["policy"] == "learned"]
-    assert [p["halt_threshold"] for p in learned] == [report["model"]["halt_threshold"], *taus]
+    settings = [(p["halt_threshold"], p["max_passes"]) for p in learned]
+    assert settings == [
+        (trained_tau, None),
+        (taus[0], None),
+        (taus[1], None),
+        (trained_tau, 1),
+        (trained_tau, 2),
+    ]
     means = [p["mean_passes"] for p in learned]
     assert means[0] > means[1] > means[2], "a higher tau halts more tokens"
+    assert means[3] == 1.0 and means[4] == 2.0, "the trained tau halts nobody here: the cap decides"
     tokens = learned[0]["tokens"]
     for policy in ("uniform", "geometric"):
         fixed = [p for p in report["points"] if p["policy"] == policy]
@@ -262,6 +271,8 @@ def test_user_errors_name_the_argument(trained, tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
     assert main([str(run), "--output", str(tmp_path), "--data", prefix, "--policies", "random"]) == 2
     assert "--policies" in capsys.readouterr().err
+    assert main([str(run), "--output", str(tmp_path), "--data", prefix, "--sweep-max-passes", "9"]) == 2
+    assert "--sweep-max-passes" in capsys.readouterr().err
 
 
 def test_local_generation_task_counts_the_generated_tokens_passes(trained, tmp_path):

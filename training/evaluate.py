@@ -22,7 +22,8 @@ Writes DIR/eval.json, DIR/quality_vs_compute.png and DIR/nll_by_passes.png. The 
                        "compute_vs_dense", "target_mean_passes" (fixed pruning only)}, ...]}}
 
 The first point is the model at its trained settings (tau and cap from its config); learned points
-follow, one per further tau of `--sweep-threshold`; then, for each learned point and each policy of
+follow, one per further tau of `--sweep-threshold`, then one per further cap of
+`--sweep-max-passes` (at the trained tau); then, for each learned point and each policy of
 `--policies`, fixed pruning (exit depths drawn from that distribution, dense, `exit_passes`) at the
 learned point's mean passes. `nll_by_passes` lists the passes run by at least one token. Tasks run at
 the same learned settings, and fixed pruning at the mean passes of the task's own tokens (exit
@@ -308,12 +309,15 @@ def point(tally: Tally, policy: str, halt_threshold: float | None, max_passes: i
     return setting | tally.quality() | tally.compute()
 
 
-def learned_settings(config: AdaPonderConfig, thresholds: list[float]) -> list[tuple[float, int | None]]:
-    """(tau, cap) of the learned points: the trained setting first, then each further tau."""
+def learned_settings(
+    config: AdaPonderConfig, thresholds: list[float] = (), caps: list[int] = ()
+) -> list[tuple[float, int | None]]:
+    """(tau, cap) of the learned points: the trained setting first, then each further tau (at the
+    trained cap), then each further cap on passes (at the trained tau)."""
     settings = [(config.halt_threshold, config.max_passes)]
-    for tau in thresholds:
-        if (tau, config.max_passes) not in settings:
-            settings.append((tau, config.max_passes))
+    for setting in [(t, config.max_passes) for t in thresholds] + [(config.halt_threshold, c) for c in caps]:
+        if setting not in settings:
+            settings.append(setting)
     return settings
 
 
@@ -327,16 +331,17 @@ def fixed_pruning_exits(policy: str, mean: float, num_passes: int, count: int, s
 def perplexity_points(
     model: AdaPonderForCausalLM,
     windows: list[np.ndarray],
-    thresholds: list[float] = (),
+    settings: list[tuple[float, int | None]],
     policies: list[str] = (),
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """The points of eval.json: learned halting at each setting, then fixed pruning at their means."""
+    """The points of eval.json: learned halting at each (tau, cap) of `settings` (learned_settings),
+    then fixed pruning at their mean passes."""
     points = []
-    for tau, cap in learned_settings(model.config, list(thresholds)):
-        desc = f"learned tau={tau:g}"
+    for tau, cap in settings:
+        desc = f"learned tau={tau:g}" + (f" cap={cap}" if cap else "")
         tally = evaluate_windows(model, windows, batch_size, tau, cap, progress=progress, desc=desc)
         points.append(point(tally, "learned", tau, cap))
     tokens = points[0]["tokens"]
@@ -474,7 +479,7 @@ def task_points(
     model: AdaPonderForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
     tasks: list[str],
-    thresholds: list[float],
+    settings: list[tuple[float, int | None]],
     policies: list[str],
     **options: Any,
 ) -> dict[str, list[dict[str, Any]]]:
@@ -483,7 +488,7 @@ def task_points(
     options["manager"] = task_manager(tasks, options.get("include_path"))
     table: dict[str, list[dict[str, Any]]] = {task: [] for task in tasks}
     learned = []
-    for tau, cap in learned_settings(model.config, thresholds):
+    for tau, cap in settings:
         result = evaluate_tasks(model, tokenizer, tasks, halt_threshold=tau, max_passes=cap, **options)
         for task in tasks:
             table[task].append({"policy": "learned", "halt_threshold": tau, "max_passes": cap} | result[task])
@@ -551,7 +556,8 @@ def plot_nll_by_passes(report: dict, path: Path) -> None:
     for p in report["points"]:
         if p["policy"] == "learned" and p["nll_by_passes"]:
             rows = p["nll_by_passes"]
-            label = f"tau={p['halt_threshold']:g} ({p['mean_passes']:.2f} passes)"
+            cap = f", cap {p['max_passes']}" if p["max_passes"] else ""
+            label = f"tau={p['halt_threshold']:g}{cap} ({p['mean_passes']:.2f} passes)"
             ax.plot([r["passes"] for r in rows], [r["nll"] for r in rows], "o-", label=label)
             for r in rows:
                 ax.annotate(f"{r['fraction']:.0%}", (r["passes"], r["nll"]), fontsize=7)
@@ -589,27 +595,28 @@ def format_report(report: dict) -> str:
     lines = []
     if report["points"]:
         lines += [
-            "| policy | tau | mean passes | NLL | ppl | compute vs K=1 | vs all K |",
-            "|---|---|---|---|---|---|---|",
+            "| policy | tau | cap | mean passes | NLL | ppl | compute vs K=1 | vs all K |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for p in report["points"]:
             tau = "-" if p["halt_threshold"] is None else f"{p['halt_threshold']:g}"
             lines.append(
-                f"| {p['policy']} | {tau} | {p['mean_passes']:.3f} | {p['nll']:.4f} | {p['ppl']:.2f} "
+                f"| {p['policy']} | {tau} | {p['max_passes'] or '-'} | {p['mean_passes']:.3f} "
+                f"| {p['nll']:.4f} | {p['ppl']:.2f} "
                 f"| {p['compute_vs_k1']:.3f} | {p['compute_vs_dense']:.3f} |"
             )
     for task, entries in report["tasks"].items():
         metric = primary_metric(entries[0]["metrics"])
         lines += [
             "",
-            f"| {task} | tau | {metric} | mean passes | compute vs K=1 | vs all K |",
-            "|---|---|---|---|---|---|",
+            f"| {task} | tau | cap | {metric} | mean passes | compute vs K=1 | vs all K |",
+            "|---|---|---|---|---|---|---|",
         ]
         for e in entries:
             tau = "-" if e["halt_threshold"] is None else f"{e['halt_threshold']:g}"
             value = e["metrics"].get(metric, float("nan")) if metric else float("nan")
             lines.append(
-                f"| {e['policy']} | {tau} | {value:.4f} | {e['mean_passes']:.3f} "
+                f"| {e['policy']} | {tau} | {e['max_passes'] or '-'} | {value:.4f} | {e['mean_passes']:.3f} "
                 f"| {e['compute_vs_k1']:.3f} | {e['compute_vs_dense']:.3f} |"
             )
     return "\n".join(lines)
@@ -635,9 +642,16 @@ def run(args: argparse.Namespace) -> dict:
     for policy in policies:
         if policy not in POLICIES:
             raise ValueError(f"--policies {policy!r}: expected a subset of {POLICIES}")
+    caps = [int(c) for c in _floats(args.sweep_max_passes, "--sweep-max-passes")]
     model, tokenizer_path, described = load_model(args.model, args.tag)
+    k = model.config.num_passes
+    if any(not 0 <= t < 1 for t in thresholds):
+        raise ValueError(f"--sweep-threshold {args.sweep_threshold}: every tau must lie in [0, 1)")
+    if any(not 1 <= c <= k for c in caps):
+        raise ValueError(f"--sweep-max-passes {args.sweep_max_passes}: every cap must lie in [1, {k}]")
     if (thresholds or policies) and not model.config.adaptive:
         raise ValueError(f"{args.model}: not an adaptive model; --sweep-threshold / --policies need gates")
+    settings = learned_settings(model.config, thresholds, caps)
     model.to(args.device)
     torch.manual_seed(args.seed)
     report: dict[str, Any] = {"model": described, "data": None, "points": [], "tasks": {}}
@@ -646,7 +660,7 @@ def run(args: argparse.Namespace) -> dict:
             args.data, args.seq_len, args.split, args.split_name, args.max_windows
         )
         report["points"] = perplexity_points(
-            model, windows, thresholds, policies, args.batch_size, args.seed, progress=not args.no_progress
+            model, windows, settings, policies, args.batch_size, args.seed, progress=not args.no_progress
         )
     if args.tasks:
         tokenizer_path = args.tokenizer or tokenizer_path
@@ -661,7 +675,7 @@ def run(args: argparse.Namespace) -> dict:
         }
         tasks = [t for t in args.tasks.split(",") if t]
         report["tasks"] = task_points(
-            model, load_tokenizer(tokenizer_path), tasks, thresholds, policies, **options
+            model, load_tokenizer(tokenizer_path), tasks, settings, policies, **options
         )
     return report
 
@@ -690,6 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=float, help="lm-eval: examples per task (or fraction if < 1)")
     parser.add_argument("--tokenizer", help="tokenizer for --tasks (default: the model's)")
     parser.add_argument("--sweep-threshold", help="further halting thresholds tau, comma-separated")
+    parser.add_argument("--sweep-max-passes", help="further caps on passes per token, e.g. 1,2,3")
     parser.add_argument("--policies", help="fixed pruning at the learned mean passes: uniform,geometric")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
