@@ -561,6 +561,7 @@ def plot_nll_by_passes(report: dict, path: Path) -> None:
             ax.plot([r["passes"] for r in rows], [r["nll"] for r in rows], "o-", label=label)
             for r in rows:
                 ax.annotate(f"{r['fraction']:.0%}", (r["passes"], r["nll"]), fontsize=7)
+    ax.set_xticks(range(1, report["model"]["num_passes"] + 1))
     ax.set_xlabel("passes run (learned halting)")
     ax.set_ylabel("mean NLL of those tokens (share annotated)")
     ax.grid(alpha=0.3)
