@@ -227,7 +227,6 @@ def local_tasks(directory: Path) -> None:
 
 
 def test_local_lm_eval_task_reports_its_metric_passes_and_compute(trained, tmp_path):
-    pytest.importorskip("lm_eval")
     _, export, _, taus = trained
     local_tasks(tmp_path / "tasks")
     args = ["--tasks", "tiny_choice", "--include-path", str(tmp_path / "tasks"), "--batch-size", "4"]
@@ -276,7 +275,6 @@ def test_user_errors_name_the_argument(trained, tmp_path, capsys):
 
 
 def test_local_generation_task_counts_the_generated_tokens_passes(trained, tmp_path):
-    pytest.importorskip("lm_eval")
     _, export, _, taus = trained
     local_tasks(tmp_path / "tasks")
     args = ["--tasks", "tiny_generate", "--include-path", str(tmp_path / "tasks"), "--batch-size", "4"]
