@@ -26,6 +26,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6"],
+        # adaponder-eval --tasks: lm-eval's Hugging Face backend imports accelerate; plots need matplotlib.
+        "eval": ["lm-eval>=0.4.13", "accelerate>=1.0", "matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [
@@ -35,6 +37,7 @@ setup(
             "adaponder-quickstart=launcher.quickstart:main",
             "adaponder-generate=launcher.generate:main",
             "adaponder-export=training.export:main",
+            "adaponder-eval=training.evaluate:main",
         ],
     },
 )

@@ -56,6 +56,27 @@ def _save_tokenizer(tokenizer: str | None, output_dir: Path) -> str:
     return f"tokenizer from {path}"
 
 
+def load_checkpoint_model(
+    path: str | Path, tag: str | None = None
+) -> tuple[AdaPonderForCausalLM, dict, Path]:
+    """Checkpoint `tag` (default: `latest`) of a run as a full fp32 model on the CPU, without a
+    DeepSpeed engine or process group (what `adaponder-export` and `adaponder-eval` read).
+
+    Returns the model, the checkpoint's train state and the checkpoint directory.
+    """
+    checkpoint_dir = checkpoint_dir_of(Path(path))
+    tag = tag or latest_tag(checkpoint_dir)
+    if not (checkpoint_dir / tag).is_dir():
+        raise ValueError(f"{checkpoint_dir}: no checkpoint {tag!r}")
+    train_state = read_train_state(checkpoint_dir, tag)
+    config = AdaPonderConfig(**train_state["model_config"])
+    with torch.device("meta"):
+        model = AdaPonderForCausalLM(config)
+    state = match_state_dict(consolidated_state_dict(checkpoint_dir, tag), model, source=checkpoint_dir / tag)
+    model.load_state_dict(state, strict=True, assign=True)  # every parameter, gates included
+    return model, train_state, checkpoint_dir / tag
+
+
 def export_checkpoint(
     path: str | Path,
     output_dir: str | Path,
@@ -69,16 +90,7 @@ def export_checkpoint(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    checkpoint_dir = checkpoint_dir_of(Path(path))
-    tag = tag or latest_tag(checkpoint_dir)
-    if not (checkpoint_dir / tag).is_dir():
-        raise ValueError(f"{checkpoint_dir}: no checkpoint {tag!r}")
-    train_state = read_train_state(checkpoint_dir, tag)
-    config = AdaPonderConfig(**train_state["model_config"])
-    with torch.device("meta"):
-        model = AdaPonderForCausalLM(config)
-    state = match_state_dict(consolidated_state_dict(checkpoint_dir, tag), model, source=checkpoint_dir / tag)
-    model.load_state_dict(state, strict=True, assign=True)  # every parameter, gates included
+    model, train_state, checkpoint = load_checkpoint_model(path, tag)
     model.to(DTYPES[dtype])
 
     output_dir = Path(output_dir)
@@ -87,12 +99,12 @@ def export_checkpoint(
     model.save_pretrained(str(output_dir))
     tokenizer_note = _save_tokenizer(tokenizer or train_state["config"]["data"]["tokenizer"], output_dir)
     info = {
-        "checkpoint": str((checkpoint_dir / tag).resolve()),
+        "checkpoint": str(checkpoint.resolve()),
         "step": train_state.get("step"),
         "consumed_tokens": train_state.get("consumed_tokens"),
         "dtype": dtype,
         "tokenizer": tokenizer_note,
-        "parameters": sum(t.numel() for t in state.values()),
+        "parameters": sum(t.numel() for t in model.state_dict().values()),
     }
     (output_dir / "export_info.json").write_text(json.dumps(info, indent=1))
     return info
