@@ -93,6 +93,7 @@ class Trainer:
             data_parallel_rank=dist.rank(),
             data_parallel_size=plan.data_parallel_size,
             fingerprint=self.datasets["train"].fingerprint,
+            start_sample=cfg.data.first_sample(),
         )
         if client is not None:
             self.sampler.load_state_dict(client["sampler"], allow_data_change=cfg.data.allow_data_change)
@@ -147,7 +148,7 @@ class Trainer:
             self.cfg.data,
             self.cfg.seq_len,
             {
-                "train": self.plan.train_steps * self.plan.global_batch_size,
+                "train": self.cfg.data.first_sample() + self.plan.train_steps * self.plan.global_batch_size,
                 "valid": self.cfg.logging.eval_samples if eval_on else 0,
             },
         )
