@@ -175,6 +175,31 @@ def test_ponder_schedule_and_gates_only_phase_in_tokens(train_shards):
     assert math.isclose(schedules.at(100, 100 * 2048).lr, cfg.optimizer.lr * cfg.schedule.min_lr_ratio)
 
 
+def test_backbone_learning_rate_rewarms_after_the_gates_only_phase(train_shards):
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        [
+            *data_overrides(train_shards),
+            "ponder.unit=steps",
+            "ponder.gates_only=20",
+            "ponder.backbone_warmup=8",
+        ],
+    )
+    schedules = Schedules(cfg, plan_batches(cfg, 2))
+    steps = {step: schedules.at(step, step * 2048) for step in range(1, 40)}
+    assert all(steps[s].gates_only and steps[s].backbone_lr == 0.0 for s in range(1, 21))
+    assert all(steps[s].gate_lr == pytest.approx(steps[s].lr * 0.3) for s in steps)  # quickstart: x0.3
+    for step in range(21, 29):  # linear from 0 over 8 steps, times the schedule's own lr
+        assert not steps[step].gates_only
+        assert steps[step].backbone_lr == pytest.approx(steps[step].lr * (step - 20) / 8)
+    assert all(steps[s].backbone_lr == steps[s].lr for s in range(28, 40))
+    jump = load_config(
+        REPO / "configs" / "quickstart.yaml", [*data_overrides(train_shards), "ponder.gates_only=20"]
+    )
+    after = Schedules(jump, plan_batches(jump, 2)).at(21, 21 * 2048)
+    assert after.backbone_lr == after.lr > 0  # backbone_warmup 0: the old jump, still available
+
+
 def test_failures_before_training_have_clear_messages(tmp_path, train_shards, monkeypatch, capsys):
     # A single-process environment, so that main() does not invent one (and leaves os.environ alone).
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():

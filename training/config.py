@@ -102,19 +102,25 @@ class PonderConfig:
     `loss_weight` and the bottom-k fraction k rises linearly from 0 to `k_max` over `ramp` units.
     """
 
-    unit: ScheduleUnit = "steps"  # what `start`, `ramp` and `gates_only` count: steps or tokens
+    unit: ScheduleUnit = "steps"  # what `start`, `ramp`, `gates_only`, `backbone_warmup` count
     loss_weight: float = 0.1  # lambda of the bottom-k gate loss (paper: 0.1)
     k_max: float = 0.1  # final fraction of gate values in the bottom-k mean (paper: 0.1)
     start: int = 0  # S0: length of stage 1 (no ponder loss), in `unit`
     ramp: int = 0  # S1 - S0: length of the linear rise of k to k_max, in `unit`
-    gates_only: int = 0  # only the gates learn (backbone learning rate 0) for this long, in `unit`
+    # Only the gates learn for this long, in `unit`: the backbone's parameters do not require grad
+    # (no weight gradients computed, reduced or clipped; its activations still carry the gates'
+    # gradient through later passes) and its learning rate is 0.
+    gates_only: int = 0
+    # After the gates-only phase the backbone's learning rate rises linearly from 0 to the schedule's
+    # over this long, in `unit`, instead of jumping to it with fresh Adam moments. 0: no re-warm.
+    backbone_warmup: int = 0
 
     def validate(self) -> None:
         if self.loss_weight < 0:
             raise ValueError(f"ponder.loss_weight must be >= 0, got {self.loss_weight}")
         if not 0.0 <= self.k_max <= 1.0:
             raise ValueError(f"ponder.k_max must be in [0, 1], got {self.k_max}")
-        for name in ("start", "ramp", "gates_only"):
+        for name in ("start", "ramp", "gates_only", "backbone_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ponder.{name} must be >= 0, got {getattr(self, name)}")
 

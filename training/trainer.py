@@ -35,7 +35,7 @@ from training import distributed as dist
 from training import engine as ds
 from training.config import BatchPlan, RunConfig, config_to_dict, dump_config
 from training.metrics import EvalMeter, MetricsWriter, TrainMeter
-from training.optim import param_groups, set_learning_rates
+from training.optim import param_groups, set_backbone_trainable, set_learning_rates
 from training.schedule import Schedules, StepSettings
 
 CLIENT_STATE_SCHEMA = 1
@@ -70,6 +70,8 @@ class Trainer:
         self.device = ds.device()
         self.state = TrainState()
         self.model_config = cfg.model_config()
+        if cfg.ponder.gates_only and not self.model_config.adaptive:
+            raise ValueError("ponder.gates_only: the model has no gates (adaptive: false) to train alone")
         self._seed_everything()
         self._write_resolved_config()
 
@@ -81,6 +83,7 @@ class Trainer:
         if cfg.activation_checkpointing:
             model.activation_checkpointing_enable()
         self.engine = ds.Engine(model, param_groups(model, cfg.optimizer), ds_config)
+        self._backbone_trainable = True  # the engine is built with everything trainable (optim.py)
         client = None
         if resume_state is not None:
             client = self.engine.load(self.checkpoint_dir, resume_tag) if same_world else resume_state
@@ -268,6 +271,9 @@ class Trainer:
     def _train_step(self, batches: Any, settings: StepSettings) -> None:
         """One optimizer step over gradient_accumulation_steps micro-batches."""
         set_learning_rates(self.engine.param_groups, settings)
+        if self._backbone_trainable == settings.gates_only:
+            self._backbone_trainable = not settings.gates_only
+            set_backbone_trainable(self.engine.module, self._backbone_trainable)
         losses = []
         accumulation = self.plan.gradient_accumulation_steps
         for micro in range(accumulation):
