@@ -292,7 +292,8 @@ def test_nan_loss_is_reported_and_the_last_checkpoint_kept(tmp_path, train_shard
     assert all(torch.isfinite(t).all() for t in weights(run, 1).values())
 
 
-def test_continued_pretraining_from_a_hf_checkpoint_trains_only_the_gates(tmp_path, train_shards):
+def tiny_pythia(root: Path, **config_fields):
+    """A randomly initialised 2-layer Pythia-shaped checkpoint directory (HF format)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
@@ -305,30 +306,82 @@ def test_continued_pretraining_from_a_hf_checkpoint_trains_only_the_gates(tmp_pa
             intermediate_size=256,
             rotary_pct=0.25,
             max_position_embeddings=256,
+            **config_fields,
         )
     )
-    pythia.save_pretrained(tmp_path / "pythia")
+    pythia.save_pretrained(root)
+    state = pythia.state_dict()
+    state["embed_out.weight"] = state.pop("lm_head.weight", state.get("embed_out.weight"))
+    return state
+
+
+def test_continued_pretraining_trains_the_gates_alone_then_rewarms_the_backbone(tmp_path, train_shards):
+    original = tiny_pythia(tmp_path / "pythia")
     config = make_config(
         tmp_path,
         train_shards,
         "continued",
         model={"init_from": str(tmp_path / "pythia")},
-        ponder={"unit": "tokens", "gates_only": 10**6},  # longer than the run: the backbone stays put
-        train_steps=2,
-        checkpoint__interval=0,
-        logging__eval_interval=0,
+        ponder={"gates_only": 2, "backbone_warmup": 2},
+        train_steps=4,
+        checkpoint__interval=2,
+        logging__eval_interval=4,
     )
-    train(config)
+    result = train(config)
+    assert "evaluating" in result.stdout and "as loaded (step 0)" in result.stdout
     run = run_dir(config)
     state = json.loads((run / "checkpoints" / tag_for(2) / "train_state.json").read_text())
     assert state["provenance"]["init_from"] == str((tmp_path / "pythia").resolve())
     assert set(state["provenance"]["sha256"]) >= {"config.json", "model.safetensors"}
-    trained, original = weights(run, 2), pythia.state_dict()
-    original["embed_out.weight"] = original.pop("lm_head.weight", original.get("embed_out.weight"))
-    backbone = {name: t for name, t in trained.items() if not name.startswith("ponder_gates.")}
-    assert_same_weights(backbone, {name: original[name] for name in backbone})
-    gates = [name for name in trained if name.startswith("ponder_gates.")]
-    assert gates and scalars(run)["train/lr"][2] > 0
+
+    def backbone(step):
+        return {n: t for n, t in weights(run, step).items() if not n.startswith("ponder_gates.")}
+
+    assert_same_weights(backbone(2), {name: original[name] for name in backbone(2)})
+    changed = [n for n, t in backbone(4).items() if not torch.equal(t, original[n])]
+    assert "gpt_neox.layers.0.attention.query_key_value.weight" in changed
+    logged = scalars(run)
+    assert [logged["train/lr_backbone"][s] for s in (1, 2)] == [0.0, 0.0]
+    assert logged["train/lr_backbone"][3] == pytest.approx(logged["train/lr"][3] / 2)  # half-way re-warmed
+    assert logged["train/lr_backbone"][4] == pytest.approx(logged["train/lr"][4])
+    assert all(logged["train/lr_gates"][s] > 0 for s in range(1, 5))
+    assert sorted(logged["eval/lm_loss"]) == [0, 4]
+    assert summary(run)["initial_eval"]["lm_loss"] == pytest.approx(logged["eval/lm_loss"][0])
+
+
+def test_first_evaluation_is_the_loaded_checkpoints_own_validation_loss(tmp_path, train_shards):
+    from data import build_datasets
+    from data.config import DataConfig
+    from model import AdaPonderForCausalLM
+
+    # A PonderLM checkpoint: 4 passes with its own embedding scale, no gates.
+    ponderlm = {
+        "ponderinglm": True,
+        "pondering_steps": 3,
+        "scale_embeds": True,
+        "mutiply_pondering_steps": True,
+    }
+    tiny_pythia(tmp_path / "ponderlm", **ponderlm)
+    config = make_config(
+        tmp_path,
+        train_shards,
+        "from_ponderlm",
+        model={"init_from": str(tmp_path / "ponderlm")},
+        train_steps=1,
+        checkpoint__interval=0,
+        logging__eval_interval=1,
+    )
+    train(config)
+    logged = scalars(run_dir(config))["eval/lm_loss"]
+    prefix, _ = train_shards
+    valid = build_datasets(DataConfig(train_paths=[prefix], split="95,5,0"), 32, {"valid": 8})["valid"]
+    tokens = torch.stack([torch.from_numpy(valid[i]) for i in range(8)])
+    model = AdaPonderForCausalLM.from_pythia(str(tmp_path / "ponderlm")).eval()
+    assert (model.config.num_passes, model.config.scale_embeds, model.config.adaptive) == (4, True, False)
+    with torch.no_grad():
+        expected = model(input_ids=tokens[:, :-1], labels=tokens[:, 1:], shift_labels=False).lm_loss
+    assert logged[0] == pytest.approx(float(expected), rel=1e-5)
+    assert 1 in logged
 
 
 def test_export_loads_with_transformers_remote_code_without_this_package(reference, tmp_path):

@@ -109,6 +109,7 @@ class Trainer:
         self._first_loss: float | None = None
         self._last_train: dict[str, Any] = {}
         self._last_eval: dict[str, Any] | None = None
+        self._initial_eval: dict[str, Any] | None = None
         self._log_start(resume_tag, same_world)
 
     # ----------------------------------------------------------------------------------------------
@@ -244,6 +245,12 @@ class Trainer:
         if self.state.step >= plan.train_steps:
             return "already complete"
         batches = iter(build_dataloader(self.datasets["train"], self.sampler, cfg.data.num_workers))
+        if cfg.model.init_from is not None and self.state.step == 0 and cfg.logging.eval_interval:
+            # The pretrained checkpoint's own validation loss, before any update: a wrong embedding
+            # scale or pondering setting shows here rather than as a mysteriously high first loss.
+            self.writer.console(f"evaluating {cfg.model.init_from} as loaded (step 0)")
+            self._evaluate()
+            self._initial_eval = self._last_eval
         self.engine.train()
         self.meter.reset()
         while self.state.step < plan.train_steps:
@@ -344,7 +351,7 @@ class Trainer:
             "ponder/mean_passes": m["mean_passes"],
             "ponder/adaptive_flops_fraction": m["adaptive_flops_fraction"],
         }
-        if settings.backbone_lr != settings.lr:
+        if self.cfg.ponder.gates_only:
             scalars["train/lr_backbone"] = settings.backbone_lr
         self.writer.train(self.state.step, scalars, m["passes_count"])
 
@@ -408,6 +415,7 @@ class Trainer:
             "peak_memory_gib_per_rank": self._last_train.get("peak_memory_gib"),
             "parameters": self.parameter_counts,
             "eval": self._last_eval,
+            "initial_eval": self._initial_eval,
             "checkpoint": str(self.checkpoint_dir / latest) if latest else None,
             "tensorboard": str(self.run_dir / "tensorboard"),
         }
@@ -443,6 +451,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{num(summary['last_loss'], '.4f')} (last)",
         f"mean passes per token (last interval): {num(summary['mean_passes'], '.3f')}",
     ]
+    if summary.get("initial_eval"):
+        ev = summary["initial_eval"]
+        lines.append(
+            f"validation at step 0 (weights as loaded): loss {ev['lm_loss']:.4f}, ppl {ev['ppl']:.2f}"
+        )
     if summary["eval"]:
         ev = summary["eval"]
         lines.append(
