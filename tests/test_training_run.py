@@ -5,13 +5,16 @@ resume, are killed, change the number of ranks or the accumulation. fp32 and dro
 resumed runs must match bit for bit.
 """
 
+import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -124,10 +127,10 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, train_shards):
-    """8 uninterrupted steps through the `deepspeed` launcher."""
+    """8 uninterrupted steps through the `deepspeed` launcher, with DeepSpeed's CSV monitor on."""
     tmp = tmp_path_factory.mktemp("reference")
     config = make_config(tmp, train_shards, "reference")
-    train(config, launcher="deepspeed")
+    train(config, "logging.csv_monitor=true", launcher="deepspeed")
     return run_dir(config)
 
 
@@ -158,6 +161,58 @@ def test_tensorboard_holds_the_training_and_eval_scalars(reference):
     events = EventAccumulator(str(reference / "tensorboard"), size_guidance={"histograms": 0})
     events.Reload()
     assert "ponder/passes_per_token" in events.Tags()["histograms"]
+
+
+def histograms(run: Path) -> dict[str, dict[int, Any]]:
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    return {
+        tag: {e.step: e.histogram_value for e in events.Histograms(tag)}
+        for tag in events.Tags()["histograms"]
+    }
+
+
+def documented_tags() -> list[re.Pattern]:
+    """The tags of docs/metrics.md's table, `{j}` / `{u}` standing for numbers."""
+    rows = re.findall(
+        r"^\| `([a-z_/{}0-9]+)` \| (?:scalar|histogram) \|", (REPO / "docs" / "metrics.md").read_text(), re.M
+    )
+    return [re.compile(re.sub(r"\\\{[ju]\\\}", r"[0-9]+", re.escape(row)) + "$") for row in rows]
+
+
+def test_every_logged_tag_is_documented_and_every_documented_tag_logged(reference):
+    logged = set(scalars(reference)) | set(histograms(reference))
+    patterns = documented_tags()
+    assert len(patterns) > 20
+    assert [tag for tag in logged if not any(p.match(tag) for p in patterns)] == []
+    # lr_backbone is logged only with a gates-only phase (test_continued_pretraining...).
+    unused = [p.pattern for p in patterns if not any(p.match(tag) for tag in logged)]
+    assert unused == ["train/lr_backbone$"]
+
+
+def test_gate_histograms_and_halting_fractions_are_written_at_every_logged_step(reference):
+    logged, hists = scalars(reference), histograms(reference)
+    tokens = GLOBAL_BATCH * 32
+    for u in range(3):
+        gate = hists[f"ponder/gate_values/{u}"]
+        assert sorted(gate) == sorted(logged["train/lm_loss"]) == list(range(1, STEPS + 1))
+        for step, h in gate.items():
+            ran_pass_u = 1 - sum(logged[f"ponder/halted_after_pass_{j}"][step] for j in range(1, u + 1))
+            assert h.num == pytest.approx(tokens * ran_pass_u)  # one value per token that ran pass u
+            assert sum(h.bucket) == h.num and 0.0 <= h.min <= h.sum / h.num <= h.max <= 1.0
+    # Gates start near sigmoid(4) = 0.98: step 1's values lie in the top buckets.
+    first = hists["ponder/gate_values/0"][1]
+    assert first.min >= 0.9 and first.sum / first.num > 0.95
+
+
+def test_csv_monitor_holds_the_same_scalars_as_tensorboard(reference):
+    logged = scalars(reference)
+    folder = reference / "monitor" / "csv"
+    for tag in ("train/lm_loss", "train/grad_norm", "ponder/halted_after_pass_4", "eval/lm_loss"):
+        with open(folder / (tag.replace("/", "_") + ".csv")) as f:
+            rows = [row for row in csv.reader(f) if row[0] != "step"]
+        assert {int(step): float(value) for step, value in rows} == pytest.approx(logged[tag], rel=1e-6)
+    assert (folder / "Train_Samples_lr.csv").is_file()  # DeepSpeed's own monitor event, same sink
 
 
 def test_zero3_holds_about_half_the_parameters_per_rank(reference):

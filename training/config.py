@@ -11,6 +11,7 @@ step over `global_batch_size` samples. Schedule fields state whether they count 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -146,6 +147,10 @@ class LoggingConfig:
     eval_samples: int = 64  # validation samples per evaluation: always the same first ones
     peak_tflops: float = 312.0  # peak dense TFLOP/s of one rank's device for MFU (A100 bf16: 312)
     progress_bar: bool = True  # a tqdm bar on rank 0 when stderr is a terminal
+    # Beside TensorBoard, DeepSpeed's own monitors get every scalar (docs/metrics.md):
+    csv_monitor: bool = False  # one `<run_dir>/monitor/csv/<tag>.csv` per tag (step, value)
+    wandb_project: str | None = None  # Weights & Biases project (needs `pip install wandb`); None: off
+    wandb_team: str | None = None  # its entity (team or user); None: the default of your login
 
     def validate(self) -> None:
         if self.log_interval < 1:
@@ -154,6 +159,8 @@ class LoggingConfig:
             raise ValueError("logging.eval_interval and logging.eval_samples must be >= 0")
         if self.peak_tflops <= 0:
             raise ValueError(f"logging.peak_tflops must be > 0, got {self.peak_tflops}")
+        if self.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+            raise ValueError("logging.wandb_project is set but wandb is not installed (pip install wandb)")
 
 
 @dataclass

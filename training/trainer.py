@@ -101,9 +101,15 @@ class Trainer:
         if client is not None:
             self.sampler.load_state_dict(client["sampler"], allow_data_change=cfg.data.allow_data_change)
         self.schedules = Schedules(cfg, plan)
-        self.meter = TrainMeter(self.model_config.num_passes, self.device)
+        mc = self.model_config
+        num_gates = mc.num_passes - 1 if mc.adaptive else 0
+        self.meter = TrainMeter(mc.num_passes, self.device, num_gates, mc.halt_threshold)
         self.writer = MetricsWriter(
-            self.run_dir / "tensorboard", plan.train_steps, self.state.step, cfg.logging.progress_bar
+            self.run_dir / "tensorboard",
+            plan.train_steps,
+            self.state.step,
+            cfg.logging.progress_bar,
+            monitor=self.engine.write_events,
         )
         self._stop_signal: str | None = None
         self._first_loss: float | None = None
@@ -353,7 +359,7 @@ class Trainer:
         }
         if self.cfg.ponder.gates_only:
             scalars["train/lr_backbone"] = settings.backbone_lr
-        self.writer.train(self.state.step, scalars, m["passes_count"])
+        self.writer.train(self.state.step, scalars, m["passes_count"], m["gate_histograms"])
 
     def _evaluate(self) -> None:
         """Validation on the same first `eval_samples` samples every time, dense (ZeRO-3)."""
