@@ -1,5 +1,6 @@
 """Run config, DeepSpeed JSON filling, schedules and the pre-launch checks (no process group)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -20,7 +21,7 @@ SHIPPED_DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 @pytest.fixture
 def fake_pythia(tmp_path):
-    """A Pythia-2.8B-shaped Hugging Face directory (config only): enough to validate a config."""
+    """A PonderLM-2.8B-shaped Hugging Face directory (config only): enough to validate a config."""
     root = tmp_path / "pythia"
     root.mkdir()
     config = {
@@ -33,8 +34,10 @@ def fake_pythia(tmp_path):
         "rotary_pct": 0.25,
         "max_position_embeddings": 2048,
         "use_parallel_residual": True,
+        "ponderinglm": True,
         "pondering_steps": 3,
         "scale_embeds": True,
+        "mutiply_pondering_steps": True,
     }
     (root / "config.json").write_text(json.dumps(config))
     return str(root)
@@ -105,6 +108,28 @@ def test_ds_config_contradiction_names_file_and_key(tmp_path, train_shards):
     cfg = load_config(REPO / "configs" / "quickstart.yaml", data_overrides(train_shards))
     with pytest.raises(ValueError, match=r"bad_ds\.json: train_micro_batch_size_per_gpu is 3"):
         load_ds_config(bad, cfg, plan_batches(cfg, 2))
+
+
+def test_monitors_are_filled_from_the_logging_config(tmp_path, train_shards):
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml", [*data_overrides(train_shards), "logging.csv_monitor=true"]
+    )
+    ds = load_ds_config(REPO / "ds_configs" / "zero3.json", cfg, plan_batches(cfg, 2))
+    assert ds["csv_monitor"] == {"enabled": True, "output_path": f"{cfg.run_dir}/monitor", "job_name": "csv"}
+    assert ds["wandb"]["enabled"] is False and ds["tensorboard"]["enabled"] is False
+    own_tensorboard = {
+        **json.loads((REPO / "ds_configs" / "zero3.json").read_text()),
+        "tensorboard": {"enabled": True},
+    }
+    (tmp_path / "tb.json").write_text(json.dumps(own_tensorboard))
+    with pytest.raises(ValueError, match="tensorboard.enabled is True"):
+        load_ds_config(tmp_path / "tb.json", cfg, plan_batches(cfg, 2))
+    if importlib.util.find_spec("wandb") is None:  # wandb stays optional: asking for it says how to get it
+        with pytest.raises(ValueError, match="pip install wandb"):
+            load_config(
+                REPO / "configs" / "quickstart.yaml",
+                [*data_overrides(train_shards), "logging.wandb_project=x"],
+            )
 
 
 def test_unknown_keys_and_bad_values_name_the_field(tmp_path):
