@@ -78,6 +78,37 @@ def test_shipped_run_configs_validate(path, train_shards, fake_pythia):
     assert cfg.model_config().vocab_size >= 512
 
 
+# SPEC.md section 1 (Pythia's peak learning rates; PonderLM's scripts reuse them).
+PYTHIA_LR = {"70m": 1e-3, "160m": 6e-4, "410m": 3e-4, "1b": 2.5e-4, "1.4b": 2e-4, "2.8b": 1.6e-4}
+
+
+@pytest.mark.parametrize("size", PYTHIA_LR)
+@pytest.mark.parametrize("continued", [False, True], ids=["scratch", "continued"])
+def test_every_preset_has_recipes_that_plan_for_8_and_16_gpus(size, continued, train_shards, fake_pythia):
+    path = REPO / "configs" / f"pythia-{size}{'-continued' if continued else ''}.yaml"
+    assert "where they come from" in path.read_text()  # each recipe states its sources
+    overrides = data_overrides(train_shards) + ([f"model.init_from={fake_pythia}"] if continued else [])
+    cfg = load_config(path, overrides)
+    assert cfg.optimizer.lr == PYTHIA_LR[size]
+    # PonderLM's scripts: weight decay 0.01, except 0.1 at 410M.
+    assert cfg.optimizer.weight_decay == (0.1 if size == "410m" else 0.01)
+    if continued:
+        assert cfg.model.preset is None and cfg.model.overrides["adaptive"] is True
+        # From a PonderLM checkpoint (1.4B, 2.8B) the gates train alone first, then the backbone re-warms.
+        assert bool(cfg.ponder.gates_only) == bool(cfg.ponder.backbone_warmup) == (size in ("1.4b", "2.8b"))
+    else:
+        assert cfg.model.preset == f"pythia-{size}" and cfg.global_batch_size == 256
+    for world_size in (8, 16):
+        plan, ds_config = pretrain.preflight(cfg, world_size)
+        tokens = plan.train_steps * plan.tokens_per_step
+        # 26B tokens from scratch (the paper); 30B from Pythia (PonderLM's CPT); 12B from PonderLM.
+        expected = 12e9 if cfg.ponder.gates_only else 30e9 if continued else 26.2e9
+        assert tokens == pytest.approx(expected, rel=0.01)
+        assert ds_config[
+            "train_micro_batch_size_per_gpu"
+        ] * plan.gradient_accumulation_steps * world_size == (cfg.global_batch_size)
+
+
 @pytest.mark.parametrize("path", SHIPPED_DS_CONFIGS, ids=lambda p: p.name)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_shipped_ds_configs_are_filled_from_the_run_config(path, precision, train_shards):
