@@ -1,13 +1,17 @@
-"""`adaponder-quickstart`: a short real training that needs no download and no GPU.
+"""`adaponder-quickstart`: the whole life of a run in a few minutes, with no download and no GPU.
 
-1. a corpus of real text every machine has: the Python standard library's sources (data.builtin_corpus);
-2. a byte-level BPE tokenizer trained on it, with the model's vocabulary size;
-3. MMIDIDX shards of the tokenized corpus;
-4. ZeRO-3 training on 2 ranks (CPU unless a GPU is present) through the `deepspeed` launcher, with
-   TensorBoard logs and checkpoints under the run directory (configs/quickstart.yaml);
-5. a summary: loss at the start and end, mean passes per token, where the outputs are.
+1. data: a corpus of real text every machine has (the Python standard library's sources,
+   data.builtin_corpus), a byte-level BPE tokenizer trained on it, MMIDIDX shards;
+2. training: ZeRO-3 on 2 ranks (CPU unless a GPU is present) through the `deepspeed` launcher
+   (configs/quickstart.yaml), with TensorBoard and CSV metrics and checkpoints under the run directory;
+3. a preemption half-way: SIGUSR1 to the ranks, which finish the step, checkpoint and exit 0;
+4. the same command again, which resumes from the run's own checkpoint and finishes;
+5. export of the last checkpoint to a Hugging Face directory;
+6. evaluation on the validation data;
+7. a generated sample with the passes each token took;
+8. where everything is.
 
-Steps whose outputs exist are skipped, and the training resumes from its own checkpoint, so running it
+Steps whose outputs exist are skipped and training resumes from its own checkpoint, so running it
 again continues (or just reports) the same run.
 """
 
@@ -16,20 +20,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import torch
+from transformers import AutoTokenizer
 
 from data.builtin_corpus import build_builtin_corpus
 from data.indexed import index_path
 from data.preprocess import preprocess
 from data.train_tokenizer import train_tokenizer
+from launcher import generate
 from training import pretrain
 from training.config import RunConfig, read_config, resolve_path
+from training.export import export_checkpoint
 from training.trainer import format_summary
+
+PROMPT = "def __init__(self"
+_STEP_LINE = re.compile(r"(?:^|\s)step (\d+)/\d+ \|")
+
+
+def say(message: str) -> None:
+    print(f"[quickstart] {message}", flush=True)
 
 
 def prepare_data(cfg: RunConfig, corpus_bytes: int) -> None:
@@ -41,17 +58,14 @@ def prepare_data(cfg: RunConfig, corpus_bytes: int) -> None:
     tokenizer = Path(cfg.data.tokenizer)
     if not corpus.is_file():
         docs = build_builtin_corpus(str(corpus), max_bytes=corpus_bytes)
-        print(f"[quickstart] corpus: {docs} Python standard library files -> {corpus}", flush=True)
+        say(f"corpus: {docs} Python standard library files -> {corpus}")
     if not (tokenizer / "tokenizer.json").is_file():
         vocab = cfg.model_config().vocab_size
         train_tokenizer([str(corpus)], "bpe", vocab, str(tokenizer))
-        print(f"[quickstart] tokenizer: byte-level BPE, {vocab} tokens -> {tokenizer}", flush=True)
+        say(f"tokenizer: byte-level BPE, {vocab} tokens -> {tokenizer}")
     if not Path(index_path(prefix)).is_file():
         stats = preprocess([str(corpus)], str(tokenizer), str(prefix), progress=False)
-        print(
-            f"[quickstart] shards: {stats.tokens:,} tokens, {stats.documents} documents -> {prefix}",
-            flush=True,
-        )
+        say(f"shards: {stats.tokens:,} tokens, {stats.documents} documents -> {prefix}")
 
 
 def launch_command(config: Path, overrides: list[str], nproc: int, launcher: str) -> list[str]:
@@ -76,12 +90,95 @@ def launch_env(nproc: int) -> dict[str, str]:
     return env
 
 
+def training_ranks(launcher_pid: int) -> list[psutil.Process]:
+    """The ranks under a launcher: the processes that run pretrain.py as their program (the launcher
+    processes name it as an argument of `-m deepspeed.launcher...` / `-m torch.distributed.run`), less
+    their data-loader workers, which are forks with the same command line."""
+    script = str(Path(pretrain.__file__).resolve())
+
+    def runs_script(process: psutil.Process) -> bool:
+        cmdline = process.cmdline()
+        return script in cmdline and "-m" not in cmdline[: cmdline.index(script)]
+
+    ranks = []
+    for process in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if runs_script(process) and not runs_script(process.parent()):
+                ranks.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return ranks
+
+
+def train(command: list[str], env: dict[str, str], interrupt_at: int) -> int:
+    """Run the training launcher, echoing its output; once step `interrupt_at` (0: never) has been
+    logged, send SIGUSR1 to the ranks as a cluster's preemption notice would. Returns the exit status."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sent = False
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        match = _STEP_LINE.search(line)
+        if interrupt_at and not sent and match and int(match.group(1)) >= interrupt_at:
+            ranks = training_ranks(proc.pid)
+            say(f"preempting the run: SIGUSR1 to its {len(ranks)} ranks (pids {[p.pid for p in ranks]})")
+            for rank in ranks:
+                rank.send_signal(signal.SIGUSR1)
+            sent = True
+    return proc.wait()
+
+
+def evaluate(summary: dict) -> None:
+    # PLACEHOLDER for `adaponder-eval MODEL --data PREFIX` (training/evaluate.py), not on main when
+    # this was written: until it is, report the validation the trainer itself ran at its last step.
+    # Replace this body with the adaponder-eval call on the exported directory; it is the only call site.
+    ev = summary["eval"]
+    if ev is None:
+        say("evaluation: the run logged no validation (logging.eval_interval=0)")
+        return
+    say(
+        f"evaluation (the trainer's own, step {summary['step']}, {ev['tokens']:,.0f} validation tokens): "
+        f"loss {ev['lm_loss']:.4f}, perplexity {ev['ppl']:.2f}, {ev['mean_passes']:.2f} passes per token"
+    )
+
+
+def show_sample(export_dir: Path, new_tokens: int) -> None:
+    model = generate.load_model(str(export_dir), "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    torch.manual_seed(0)
+    [(ids, passes)] = generate.generate(model, tokenizer, [PROMPT], new_tokens, sampling=None)
+    mean = sum(passes) / max(len(passes), 1)
+    say(f"sample (greedy; each token followed by [passes it took], of {model.config.num_passes}):")
+    print((PROMPT + generate.render(tokenizer, ids, passes, colour=False)).replace("\n", "\\n"))
+    say(f"{len(ids)} tokens, {mean:.2f} passes per token on average")
+
+
+def where_everything_is(cfg: RunConfig, export_dir: Path) -> str:
+    run = Path(cfg.run_dir).resolve()
+    lines = [
+        f"run directory     {run}",
+        "  config.yaml     the resolved run config (also inside every checkpoint)",
+        "  checkpoints/    ZeRO-3 shards per step; `latest` names the newest complete one",
+        f"  tensorboard/    tensorboard --logdir {run / 'tensorboard'}   (tags: docs/metrics.md)",
+        "  monitor/csv/    the same scalars as CSV (DeepSpeed's csv_monitor)",
+        "  summary.json    the end-of-run summary above",
+        "  data/           corpus, tokenizer and shards",
+        f"exported model    {export_dir.resolve()}",
+        f"  adaponder-generate --model {export_dir.resolve()} --prompt 'import os'",
+        f"  AutoModelForCausalLM.from_pretrained('{export_dir.resolve()}', trust_remote_code=True)",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adaponder-quickstart", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/quickstart.yaml", help="run config (repo-relative ok)")
     parser.add_argument("--nproc", type=int, default=2, help="ranks on this machine")
     parser.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
     parser.add_argument("--corpus-bytes", type=int, default=5_000_000, help="size of the built-in corpus")
+    parser.add_argument(
+        "--interrupt-at", type=int, help="preempt the first launch at this step (default: half-way; 0: never)"
+    )
+    parser.add_argument("--sample-tokens", type=int, default=24, help="tokens to generate at the end")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="run config overrides")
     args = parser.parse_args(argv)
     try:
@@ -90,15 +187,27 @@ def main(argv: list[str] | None = None) -> int:
         prepare_data(cfg, args.corpus_bytes)
     except ValueError as e:
         parser.error(str(e))
+    interrupt_at = (cfg.train_steps or 0) // 2 if args.interrupt_at is None else args.interrupt_at
     command = launch_command(config, args.overrides, args.nproc, args.launcher)
-    print(f"[quickstart] training: {' '.join(command)}", flush=True)
-    result = subprocess.run(command, env=launch_env(args.nproc))
+    env = launch_env(args.nproc)
     summary_file = Path(cfg.run_dir) / "summary.json"
-    if result.returncode != 0 or not summary_file.is_file():
-        print(f"[quickstart] training failed (exit status {result.returncode})", file=sys.stderr)
-        return result.returncode or 1
-    print("\n" + format_summary(json.loads(summary_file.read_text())))
-    print(f"outputs: {Path(cfg.run_dir).resolve()} (config.yaml, checkpoints/, tensorboard/, summary.json)")
+    say(f"training: {' '.join(command)}")
+    status = train(command, env, interrupt_at)
+    if status == 0 and json.loads(summary_file.read_text())["status"].startswith("stopped"):
+        say("the run stopped with a checkpoint; the same command again resumes it")
+        status = train(command, env, interrupt_at=0)
+    if status != 0:
+        say(f"training failed (exit status {status})")
+        return status or 1
+    summary = json.loads(summary_file.read_text())
+    print("\n" + format_summary(summary), flush=True)
+
+    export_dir = Path(cfg.run_dir) / "hf"
+    info = export_checkpoint(cfg.run_dir, export_dir)
+    say(f"exported step {info['step']} ({info['parameters']:,} parameters) -> {export_dir}")
+    evaluate(summary)
+    show_sample(export_dir, args.sample_tokens)
+    print("\n" + where_everything_is(cfg, export_dir), flush=True)
     return 0
 
 
