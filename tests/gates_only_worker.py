@@ -2,7 +2,8 @@
 
 A tiny adaptive model under real ZeRO-3 takes one gates-only step, then one step with everything
 training. Every rank sees the same micro-batch, so the averaged gradients equal one rank's, which a
-plain PyTorch copy of the model computes as the reference. Rank 0 writes what it saw to argv[1].
+plain PyTorch copy of the model computes as the reference. Rank 0 writes what it saw to argv[1];
+argv[2] is "checkpointing" to recompute the layers in backward (activation checkpointing), else "plain".
 """
 
 import json
@@ -49,6 +50,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = ds.build_model(lambda: AdaPonderForCausalLM(tiny(halt_threshold=0.5)), DS_CONFIG)
     model.initialize_weights_with(ds.gather_for_write)
+    if sys.argv[2] == "checkpointing":
+        model.activation_checkpointing_enable()  # recomputed layers must not bring weight gradients back
     # Gates spread around tau = 0.5 (as in tests/tiny_models.py), so tokens halt after every pass.
     for gate in model.ponder_gates:
         with ds.gather_for_write(list(gate.dense_out.parameters())), torch.no_grad():

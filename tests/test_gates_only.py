@@ -11,8 +11,8 @@ import pytest
 from tests.test_training_run import REPO, _free_port, environment
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
+@pytest.fixture(scope="module", params=["plain", "checkpointing"])
+def report(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("gates_only") / "report.json"
     command = [
         sys.executable,
@@ -24,6 +24,7 @@ def report(tmp_path_factory):
         str(_free_port()),
         str(REPO / "tests" / "gates_only_worker.py"),
         str(out),
+        request.param,
     ]
     result = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
