@@ -249,6 +249,11 @@ def test_backbone_learning_rate_rewarms_after_the_gates_only_phase(train_shards)
         assert not steps[step].gates_only
         assert steps[step].backbone_lr == pytest.approx(steps[step].lr * (step - 20) / 8)
     assert all(steps[s].backbone_lr == steps[s].lr for s in range(28, 40))
+    with pytest.raises(ValueError, match="no gates"):
+        load_config(
+            REPO / "configs" / "quickstart.yaml",
+            [*data_overrides(train_shards), "ponder.gates_only=20", "model.overrides.adaptive=false"],
+        )
     jump = load_config(
         REPO / "configs" / "quickstart.yaml", [*data_overrides(train_shards), "ponder.gates_only=20"]
     )

@@ -204,6 +204,8 @@ class RunConfig:
         if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
             raise ValueError("gradient_accumulation_steps must be >= 1")
         resolve_path(self.deepspeed_config, "deepspeed_config")
+        if self.ponder.gates_only and not self.model_config().adaptive:
+            raise ValueError("ponder.gates_only: the model has no gates (adaptive: false) to train alone")
 
     def model_config(self) -> AdaPonderConfig:
         """The architecture: the preset, or the checkpoint's config.json, with the overrides."""

@@ -70,8 +70,6 @@ class Trainer:
         self.device = ds.device()
         self.state = TrainState()
         self.model_config = cfg.model_config()
-        if cfg.ponder.gates_only and not self.model_config.adaptive:
-            raise ValueError("ponder.gates_only: the model has no gates (adaptive: false) to train alone")
         self._seed_everything()
         self._write_resolved_config()
 
