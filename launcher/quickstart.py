@@ -18,6 +18,7 @@ again continues (or just reports) the same run.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -39,7 +40,6 @@ from launcher import generate
 from training import pretrain
 from training.config import RunConfig, read_config, resolve_path
 from training.export import export_checkpoint
-from training.trainer import format_summary
 
 PROMPT = "def __init__(self"
 _STEP_LINE = re.compile(r"(?:^|\s)step (\d+)/\d+ \|")
@@ -127,6 +127,18 @@ def train(command: list[str], env: dict[str, str], interrupt_at: int) -> int:
     return proc.wait()
 
 
+def report_loss_curve(csv_file: Path) -> None:
+    """First and last training loss over both launches, from the CSV monitor (the summary's first
+    loss is the resumed launch's)."""
+    if not csv_file.is_file():
+        return
+    with open(csv_file) as f:
+        rows = {int(step): float(loss) for step, loss in csv.reader(f) if step != "step"}
+    first, last = min(rows), max(rows)
+    curve = f"{rows[first]:.3f} at step {first}, {rows[last]:.3f} at {last}"
+    say(f"train loss over both launches ({csv_file.name}): {curve}")
+
+
 def evaluate(summary: dict) -> None:
     # PLACEHOLDER for `adaponder-eval MODEL --data PREFIX` (training/evaluate.py), not on main when
     # this was written: until it is, report the validation the trainer itself ran at its last step.
@@ -160,7 +172,7 @@ def where_everything_is(cfg: RunConfig, export_dir: Path) -> str:
         "  checkpoints/    ZeRO-3 shards per step; `latest` names the newest complete one",
         f"  tensorboard/    tensorboard --logdir {run / 'tensorboard'}   (tags: docs/metrics.md)",
         "  monitor/csv/    the same scalars as CSV (DeepSpeed's csv_monitor)",
-        "  summary.json    the end-of-run summary above",
+        "  summary.json    the end-of-run summary printed above",
         "  data/           corpus, tokenizer and shards",
         f"exported model    {export_dir.resolve()}",
         f"  adaponder-generate --model {export_dir.resolve()} --prompt 'import os'",
@@ -200,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"training failed (exit status {status})")
         return status or 1
     summary = json.loads(summary_file.read_text())
-    print("\n" + format_summary(summary), flush=True)
+    report_loss_curve(Path(cfg.run_dir) / "monitor" / "csv" / "train_lm_loss.csv")
 
     export_dir = Path(cfg.run_dir) / "hf"
     info = export_checkpoint(cfg.run_dir, export_dir)

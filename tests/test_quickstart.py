@@ -26,6 +26,7 @@ def test_quickstart_shows_the_whole_life_of_a_run(tmp_path):
     assert "preempting the run: SIGUSR1 to its 2 ranks" in out
     assert "== run stopped by signal (SIGUSR1) at step" in out
     assert "resumed from" in out and "(full state)" in out
+    assert "train loss over both launches" in out
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["status"], summary["step"]) == ("finished", 6)
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (run / "hf").iterdir()}
