@@ -299,3 +299,11 @@ def test_slurm_tasks_map_to_torch_distributed_ranks(monkeypatch):
         "8",
         "node-1",
     ]
+
+
+def test_every_launch_of_a_run_logs_to_the_same_wandb_run(tmp_path):
+    from training.metrics import wandb_resume_environment
+
+    first, again = wandb_resume_environment(tmp_path / "run"), wandb_resume_environment(tmp_path / "run")
+    assert first == again and first["WANDB_RESUME"] == "allow"
+    assert wandb_resume_environment(tmp_path / "other")["WANDB_RUN_ID"] != first["WANDB_RUN_ID"]

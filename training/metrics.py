@@ -10,6 +10,7 @@ forward, which MFU leaves out by convention.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import resource
 import sys
@@ -49,6 +50,18 @@ GATE_EDGES = (0.0, 1e-3, 1e-2, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9
 
 def gate_edges(halt_threshold: float) -> tuple[float, ...]:
     return tuple(sorted({*GATE_EDGES, halt_threshold}))
+
+
+def wandb_resume_environment(run_dir: Path) -> dict[str, str]:
+    """Environment for DeepSpeed's `wandb.init()` so that every launch of one run directory logs to
+    the same Weights & Biases run (resumed after a preemption) instead of starting a new one."""
+    run = Path(run_dir).resolve()
+    return {
+        "WANDB_RUN_ID": hashlib.sha256(str(run).encode()).hexdigest()[:16],
+        "WANDB_RESUME": "allow",
+        "WANDB_NAME": run.name,
+        "WANDB_DIR": str(run),
+    }
 
 
 def peak_memory_gib() -> float:

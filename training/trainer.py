@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import random
 import signal
 import time
@@ -34,7 +35,7 @@ from training import checkpoint
 from training import distributed as dist
 from training import engine as ds
 from training.config import BatchPlan, RunConfig, config_to_dict, dump_config
-from training.metrics import EvalMeter, MetricsWriter, TrainMeter
+from training.metrics import EvalMeter, MetricsWriter, TrainMeter, wandb_resume_environment
 from training.optim import param_groups, set_backbone_trainable, set_learning_rates
 from training.schedule import Schedules, StepSettings
 
@@ -80,6 +81,9 @@ class Trainer:
         self.provenance = self._initial_weights(model, resume_tag, resume_state, same_world)
         if cfg.activation_checkpointing:
             model.activation_checkpointing_enable()
+        if cfg.logging.wandb_project is not None:
+            for name, value in wandb_resume_environment(self.run_dir).items():
+                os.environ.setdefault(name, value)  # a user's own WANDB_* settings win
         self.engine = ds.Engine(model, param_groups(model, cfg.optimizer), ds_config)
         self._backbone_trainable = True  # the engine is built with everything trainable (optim.py)
         client = None
