@@ -7,7 +7,7 @@
 3. a preemption half-way: SIGUSR1 to the ranks, which finish the step, checkpoint and exit 0;
 4. the same command again, which resumes from the run's own checkpoint and finishes;
 5. export of the last checkpoint to a Hugging Face directory;
-6. evaluation on the validation data;
+6. evaluation of the export on the held-out validation documents (`adaponder-eval`);
 7. a generated sample with the passes each token took;
 8. where everything is.
 
@@ -37,6 +37,7 @@ from data.indexed import index_path
 from data.preprocess import preprocess
 from data.train_tokenizer import train_tokenizer
 from launcher import generate
+from training import evaluate as evaluation
 from training import pretrain
 from training.config import RunConfig, read_config, resolve_path
 from training.export import export_checkpoint
@@ -139,18 +140,27 @@ def report_loss_curve(csv_file: Path) -> None:
     say(f"train loss over both launches ({csv_file.name}): {curve}")
 
 
-def evaluate(summary: dict) -> None:
-    # PLACEHOLDER for `adaponder-eval MODEL --data PREFIX` (training/evaluate.py), not on main when
-    # this was written: until it is, report the validation the trainer itself ran at its last step.
-    # Replace this body with the adaponder-eval call on the exported directory; it is the only call site.
-    ev = summary["eval"]
-    if ev is None:
-        say("evaluation: the run logged no validation (logging.eval_interval=0)")
-        return
-    say(
-        f"evaluation (the trainer's own, step {summary['step']}, {ev['tokens']:,.0f} validation tokens): "
-        f"loss {ev['lm_loss']:.4f}, perplexity {ev['ppl']:.2f}, {ev['mean_passes']:.2f} passes per token"
-    )
+def evaluate(export_dir: Path, cfg: RunConfig, output: Path) -> None:
+    """`adaponder-eval` on the exported model: perplexity of the held-out validation documents (the
+    training split's own), with passes and compute per token and NLL by passes run."""
+    argv = [
+        str(export_dir),
+        "--output", str(output),
+        "--data", cfg.data.train_paths[0],
+        "--split", cfg.data.split,
+        "--split-name", "valid",
+        "--seq-len", str(cfg.seq_len),
+        "--max-windows", "64",
+        "--no-progress",
+    ]  # fmt: skip
+    say(f"evaluation: adaponder-eval {' '.join(argv)}")
+    try:
+        report = evaluation.run(evaluation.build_parser().parse_args(argv))
+        print(evaluation.format_report(report), flush=True)
+        paths = evaluation.write_report(report, output)
+        say(f"wrote {paths['json']} and its plots")
+    except ValueError as e:  # no validation documents; or no matplotlib for the plots (`eval` extra)
+        say(f"evaluation: {e}")
 
 
 def show_sample(export_dir: Path, new_tokens: int) -> None:
@@ -174,6 +184,7 @@ def where_everything_is(cfg: RunConfig, export_dir: Path) -> str:
         "  monitor/csv/    the same scalars as CSV (DeepSpeed's csv_monitor)",
         "  summary.json    the end-of-run summary printed above",
         "  data/           corpus, tokenizer and shards",
+        "  eval/           adaponder-eval's eval.json and plots (perplexity and NLL by passes)",
         f"exported model    {export_dir.resolve()}",
         f"  adaponder-generate --model {export_dir.resolve()} --prompt 'import os'",
         f"  AutoModelForCausalLM.from_pretrained('{export_dir.resolve()}', trust_remote_code=True)",
@@ -211,13 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     if status != 0:
         say(f"training failed (exit status {status})")
         return status or 1
-    summary = json.loads(summary_file.read_text())
     report_loss_curve(Path(cfg.run_dir) / "monitor" / "csv" / "train_lm_loss.csv")
 
     export_dir = Path(cfg.run_dir) / "hf"
     info = export_checkpoint(cfg.run_dir, export_dir)
     say(f"exported step {info['step']} ({info['parameters']:,} parameters) -> {export_dir}")
-    evaluate(summary)
+    evaluate(export_dir, cfg, Path(cfg.run_dir) / "eval")
     show_sample(export_dir, args.sample_tokens)
     print("\n" + where_everything_is(cfg, export_dir), flush=True)
     return 0

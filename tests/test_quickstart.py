@@ -31,7 +31,9 @@ def test_quickstart_shows_the_whole_life_of_a_run(tmp_path):
     assert (summary["status"], summary["step"]) == ("finished", 6)
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (run / "hf").iterdir()}
     assert "exported step 6" in out
-    assert "perplexity" in out
+    # adaponder-eval on the export: the learned point's table row, and its report on disk.
+    assert "evaluation: adaponder-eval" in out and "| learned | 0.0001 |" in out
+    assert json.loads((run / "eval" / "eval.json").read_text())["points"][0]["tokens"] > 0
     # The generated sample shows each token's passes, then their mean.
     sample = out[out.index("sample (greedy") :].splitlines()[1]
     assert sample.startswith("def __init__(self") and sample.count("[") >= 1
