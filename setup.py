@@ -28,6 +28,7 @@ setup(
         "test": ["pytest>=8", "ruff>=0.6"],
         # adaponder-eval --tasks: lm-eval's Hugging Face backend imports accelerate; plots need matplotlib.
         "eval": ["lm-eval>=0.4.13", "accelerate>=1.0", "matplotlib>=3.7"],
+        "wandb": ["wandb"],  # logging.wandb_project (DeepSpeed's wandb monitor)
     },
     entry_points={
         "console_scripts": [

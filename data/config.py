@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from data.indexed import data_path, index_path
 
 SAMPLE_ORDERS = ("gpt-neox", "preshuffled")
+PYTHIA_GLOBAL_BATCH = 1024  # samples per Pythia optimizer step (every size, 70M to 12B)
 
 
 @dataclass
@@ -36,6 +37,15 @@ class DataConfig:
     doc/sample/shuffle index. ``preshuffled``: every shard item already is one sample of exactly
     ``seq_len + 1`` tokens, used in file order (Pythia's pre-shuffled Pile shards, so a run continued
     from Pythia's step N reads the data Pythia read next, from sample N x 1024)."""
+
+    start_sample: int = 0
+    """Where a fresh run starts in the training samples' global order: its first step reads samples
+    ``start_sample, start_sample + 1, ...``. Recorded in every checkpoint and kept on resume."""
+
+    start_after_pythia_step: int | None = None
+    """Continue Pythia's data order after its checkpoint ``stepN``: start at sample N x 1024 (Pythia's
+    global batch), so the run reads what Pythia read next. Needs ``sample_order: preshuffled``;
+    excludes ``start_sample``."""
 
     seed: int = 1234
     """Seeds the document and sample shuffles (GPT-NeoX's ``np.random.RandomState(seed)``)."""
@@ -70,6 +80,12 @@ class DataConfig:
         values += [0.0] * (3 - len(values))
         return [v / sum(values) for v in values]
 
+    def first_sample(self) -> int:
+        """The sample a fresh run starts at (``start_sample`` or Pythia's step x 1024)."""
+        if self.start_after_pythia_step is not None:
+            return self.start_after_pythia_step * PYTHIA_GLOBAL_BATCH
+        return self.start_sample
+
     def validate(self) -> None:
         """ValueError naming the field or file for anything build_datasets would trip over."""
         for name in ("train_paths", "valid_paths", "test_paths"):
@@ -90,6 +106,18 @@ class DataConfig:
         self.split_fractions()
         if self.sample_order not in SAMPLE_ORDERS:
             raise ValueError(f"data.sample_order {self.sample_order!r}: expected one of {SAMPLE_ORDERS}")
+        if self.start_sample < 0:
+            raise ValueError(f"data.start_sample {self.start_sample}: must be >= 0")
+        if self.start_after_pythia_step is not None:
+            if self.start_after_pythia_step < 0:
+                raise ValueError(f"data.start_after_pythia_step {self.start_after_pythia_step}: must be >= 0")
+            if self.start_sample:
+                raise ValueError("data.start_sample and data.start_after_pythia_step: set at most one")
+            if self.sample_order != "preshuffled":
+                raise ValueError(
+                    "data.start_after_pythia_step follows Pythia's order only in its pre-shuffled shards: "
+                    "set data.sample_order: preshuffled"
+                )
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"data.seed {self.seed}: must lie in [0, 2**32) (numpy RandomState)")
         if self.num_workers < 0:

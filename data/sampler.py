@@ -9,11 +9,15 @@ from collections.abc import Iterator
 class PretrainingSampler:
     """Yields this rank's micro-batch of sample indices for every global step from ``consumed_samples``.
 
-    The global order is 0, 1, 2, ...; each step takes the next ``micro_batch_size * data_parallel_size``
-    indices and rank r gets positions ``[r * micro_batch_size, (r + 1) * micro_batch_size)`` of them.
+    The global order is ``start_sample``, ``start_sample + 1``, ... (0 for most runs; a run continued
+    from Pythia's step N starts at N x 1024 in its pre-shuffled data); each step takes the next
+    ``micro_batch_size * data_parallel_size`` indices and rank r gets positions
+    ``[r * micro_batch_size, (r + 1) * micro_batch_size)`` of them.
     Because the position is a sample count rather than a step, a run may resume with another number of
     ranks or another micro-batch and still see exactly the samples an uninterrupted run would.
-    Iteration stops before a global step that would run past ``num_samples``; it never wraps.
+    ``consumed_samples`` counts this run's samples from its start; ``num_samples`` is how many the run
+    draws, so the dataset must hold ``start_sample + num_samples``. Iteration stops before a global
+    step that would run past ``num_samples``; it never wraps.
     """
 
     def __init__(
@@ -24,6 +28,7 @@ class PretrainingSampler:
         data_parallel_rank: int,
         data_parallel_size: int,
         fingerprint: str,
+        start_sample: int = 0,
     ):
         if micro_batch_size < 1 or data_parallel_size < 1:
             raise ValueError(
@@ -32,6 +37,9 @@ class PretrainingSampler:
             )
         if not 0 <= data_parallel_rank < data_parallel_size:
             raise ValueError(f"data_parallel_rank {data_parallel_rank} outside [0, {data_parallel_size})")
+        if start_sample < 0:
+            raise ValueError(f"start_sample {start_sample} must be >= 0")
+        self.start_sample = start_sample
         self.num_samples = num_samples
         self.micro_batch_size = micro_batch_size
         self.data_parallel_rank = data_parallel_rank
@@ -56,7 +64,7 @@ class PretrainingSampler:
         return (self.num_samples - self.consumed_samples) // self.global_batch_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        first = self.consumed_samples + self.data_parallel_rank * self.micro_batch_size
+        first = self.start_sample + self.consumed_samples + self.data_parallel_rank * self.micro_batch_size
         for step in range(len(self)):
             start = first + step * self.global_batch_size
             yield list(range(start, start + self.micro_batch_size))
@@ -67,6 +75,7 @@ class PretrainingSampler:
         return {
             "consumed_samples": self.consumed_samples if consumed_samples is None else consumed_samples,
             "fingerprint": self.fingerprint,
+            "start_sample": self.start_sample,
         }
 
     def load_state_dict(self, state: dict, allow_data_change: bool = False) -> None:
@@ -74,6 +83,14 @@ class PretrainingSampler:
         missing = {"consumed_samples", "fingerprint"} - set(state)
         if missing:
             raise ValueError(f"sampler state lacks {sorted(missing)}")
+        # Checkpoints from before start_sample existed started at 0.
+        saved_start = int(state.get("start_sample", 0))
+        if saved_start != self.start_sample:
+            raise ValueError(
+                f"the checkpoint's run started at sample {saved_start} but data.start_sample / "
+                f"data.start_after_pythia_step now give {self.start_sample}; the start of a run cannot "
+                "change when it resumes (use a new run_dir to start elsewhere)"
+            )
         if state["fingerprint"] != self.fingerprint:
             message = (
                 f"dataset fingerprint {self.fingerprint[:12]}... differs from the checkpoint's "

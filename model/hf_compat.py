@@ -50,33 +50,71 @@ def _gpt_neox_fields(raw: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+# What PonderLM's code (LUMIA-Group/PonderingLM, LLaMA-Factory fork) writes into a GPT-NeoX
+# config.json; `mutiply` is its spelling.
+_PONDERLM_KEYS = ("ponderinglm", "pondering_steps", "scale_embeds", "mutiply_pondering_steps")
+# AdaPonderConfig fields whose defaults would silently change what a checkpoint computes.
+_ADAPONDER_REQUIRED = ("num_passes", "scale_embeds", "multiply_pondering_steps", "adaptive", "halt_threshold")
+
+
 def config_from_checkpoint(path: str | Path, **overrides: Any) -> AdaPonderConfig:
     """The AdaPonderConfig a checkpoint directory describes, with user overrides applied last.
 
     Vanilla Pythia: neither `scale_embeds` nor `multiply_pondering_steps` (its K=1 forward stays
     Pythia's). PonderLM: its own `pondering_steps` (K - 1), `scale_embeds` and
     `mutiply_pondering_steps` (sic), gates off unless asked for. AdaPonderLM: its config as is.
+    A PonderLM or AdaPonderLM config whose pondering fields are missing or inconsistent is a
+    ValueError: falling back to defaults would load the weights into a different function.
     """
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path}: no config.json; expected a Hugging Face checkpoint directory")
     raw = json.loads(config_file.read_text())
     if raw.get("model_type") == AdaPonderConfig.model_type:
+        missing = [k for k in _ADAPONDER_REQUIRED if k not in raw]
+        if missing:
+            raise ValueError(
+                f"{config_file}: an AdaPonderLM config without {missing}; the defaults would change what "
+                "the weights compute (set them in config.json)"
+            )
         fields = {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")}
         return AdaPonderConfig(**{**fields, **overrides})
     if raw.get("model_type") not in (None, "gpt_neox"):
         raise ValueError(f"{config_file}: model_type {raw.get('model_type')!r} is not a GPT-NeoX model")
     fields = _gpt_neox_fields(raw)
-    if "pondering_steps" in raw:
-        fields.update(
-            num_passes=int(raw["pondering_steps"]) + 1,
-            scale_embeds=bool(raw.get("scale_embeds", False)),
-            multiply_pondering_steps=bool(raw.get("mutiply_pondering_steps", False)),
-            adaptive=False,
-        )
-    else:
-        fields.update(scale_embeds=False, multiply_pondering_steps=False)
+    fields.update(_ponderlm_fields(raw, config_file))
     return AdaPonderConfig(**{**fields, **overrides})
+
+
+def _ponderlm_fields(raw: dict[str, Any], config_file: Path) -> dict[str, Any]:
+    """Pondering fields of a GPT-NeoX config.json: Pythia's (none) or PonderLM's (all, consistent)."""
+    present = [k for k in _PONDERLM_KEYS if k in raw]
+    if "multiply_pondering_steps" in raw:
+        raise ValueError(
+            f"{config_file}: 'multiply_pondering_steps' in a gpt_neox config; PonderLM writes "
+            "'mutiply_pondering_steps' (sic), AdaPonderLM configs have model_type 'adaponder'"
+        )
+    if not present or raw.get("ponderinglm") is False:
+        # Pythia, or a vanilla run of PonderLM's code base: one plain pass.
+        return {"scale_embeds": False, "multiply_pondering_steps": False}
+    missing = [k for k in _PONDERLM_KEYS[1:] if k not in raw]
+    if missing:
+        raise ValueError(
+            f"{config_file}: PonderLM fields {present} without {missing}; a PonderLM config needs all of "
+            f"{list(_PONDERLM_KEYS[1:])} (refusing to guess them)"
+        )
+    steps = raw["pondering_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{config_file}: pondering_steps {steps!r} must be an integer >= 1 for PonderLM")
+    for key in ("scale_embeds", "mutiply_pondering_steps", "ponderinglm"):
+        if key in raw and not isinstance(raw[key], bool):
+            raise ValueError(f"{config_file}: {key} {raw[key]!r} must be true or false")
+    return {
+        "num_passes": steps + 1,
+        "scale_embeds": raw["scale_embeds"],
+        "multiply_pondering_steps": raw["mutiply_pondering_steps"],
+        "adaptive": False,
+    }
 
 
 def _weight_files(root: Path) -> list[Path]:

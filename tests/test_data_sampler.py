@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from data import build_datasets
+from data.config import DataConfig
 from data.dataset import GPTDataset
 from data.indexed import MMapIndexedDataset, MMapIndexedDatasetBuilder
 from data.loader import build_dataloader
@@ -63,7 +65,7 @@ def test_resume_with_other_ranks_and_micro_batch_sees_the_same_order(seed):
 
 def test_fingerprint_mismatch_is_an_error_unless_allowed():
     state = PretrainingSampler(100, 0, 2, 0, 1, "old").state_dict(consumed_samples=40)
-    assert state == {"consumed_samples": 40, "fingerprint": "old"}
+    assert state == {"consumed_samples": 40, "fingerprint": "old", "start_sample": 0}
     sampler = PretrainingSampler(100, 0, 2, 0, 1, "new")
     with pytest.raises(ValueError, match="fingerprint"):
         sampler.load_state_dict(state)
@@ -126,3 +128,57 @@ def test_dataset_pickles_by_reference(dataset):
     blob = pickle.dumps(dataset)
     assert len(blob) < 4096
     np.testing.assert_array_equal(pickle.loads(blob)[42], dataset[42])
+
+
+def preshuffled_shard(path, num_items: int, seq_len: int) -> str:
+    """Pythia-style pre-shuffled shard: item i is one ``seq_len + 1``-token sample whose tokens all
+    encode i (i x 8 + position), so a batch names the items it came from."""
+    with MMapIndexedDatasetBuilder(path, np.int32) as builder:
+        for i in range(num_items):
+            builder.add_item(i * 8 + np.arange(seq_len + 1))
+            builder.end_document()
+        builder.finalize()
+    return str(path)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_run_continued_after_pythia_step_n_reads_items_from_n_x_1024(tmp_path, ranks):
+    seq_len, pythia_step, micro = 4, 2, 3
+    prefix = preshuffled_shard(tmp_path / "pile", 2 * 1024 + 64, seq_len)
+    cfg = DataConfig(
+        train_paths=[prefix], split="1", sample_order="preshuffled", start_after_pythia_step=pythia_step
+    )
+    cfg.validate()
+    assert cfg.first_sample() == pythia_step * 1024
+    run_samples = 2 * micro * ranks  # two steps
+    train = build_datasets(cfg, seq_len, {"train": cfg.first_sample() + run_samples})["train"]
+    samplers = [
+        PretrainingSampler(run_samples, 0, micro, r, ranks, train.fingerprint, cfg.first_sample())
+        for r in range(ranks)
+    ]
+    first_batches = [next(iter(build_dataloader(train, s, num_workers=0))) for s in samplers]
+    for rank, batch in enumerate(first_batches):
+        items = 2048 + rank * micro + np.arange(micro)  # Pythia's step 2 begins at item 2048
+        expected = items[:, None] * 8 + np.arange(seq_len + 1)
+        np.testing.assert_array_equal(batch.numpy(), expected)
+
+
+def test_start_sample_is_saved_and_a_resume_from_another_start_is_an_error():
+    sampler = PretrainingSampler(40, 0, 2, 1, 2, "fp", start_sample=100)
+    assert next(iter(sampler)) == [102, 103]
+    state = sampler.state_dict(consumed_samples=8)
+    assert state["start_sample"] == 100
+    resumed = PretrainingSampler(40, 0, 2, 0, 1, "fp", start_sample=100)
+    resumed.load_state_dict(state)
+    assert next(iter(resumed)) == [108, 109]  # the run's 9th sample is global sample 108
+    with pytest.raises(ValueError, match="started at sample 100"):
+        PretrainingSampler(40, 0, 2, 0, 1, "fp", start_sample=0).load_state_dict(state)
+
+
+def test_pythia_start_needs_the_preshuffled_order_and_excludes_start_sample():
+    with pytest.raises(ValueError, match="sample_order: preshuffled"):
+        DataConfig(start_after_pythia_step=3).validate()
+    with pytest.raises(ValueError, match="at most one"):
+        DataConfig(sample_order="preshuffled", start_after_pythia_step=3, start_sample=5).validate()
+    with pytest.raises(ValueError, match="data.start_sample"):
+        DataConfig(start_sample=-1).validate()

@@ -130,3 +130,63 @@ def test_directory_without_weights_or_config_raises(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="not a GPT-NeoX"):
         AdaPonderForCausalLM.from_pythia(str(tmp_path))
+
+
+def _config_dir(tmp_path, **fields):
+    base = {"model_type": "gpt_neox", "vocab_size": 8, "hidden_size": 16, "num_hidden_layers": 1}
+    (tmp_path / "config.json").write_text(json.dumps({**base, "num_attention_heads": 2, **fields}))
+    return tmp_path
+
+
+PONDERLM_410M = {
+    "ponderinglm": True,
+    "pondering_steps": 3,
+    "scale_embeds": True,
+    "mutiply_pondering_steps": True,
+}
+
+
+def test_ponderlm_config_brings_its_own_pondering_settings(tmp_path):
+    from model.hf_compat import config_from_checkpoint
+
+    config = config_from_checkpoint(_config_dir(tmp_path, **PONDERLM_410M))
+    assert (config.num_passes, config.scale_embeds, config.multiply_pondering_steps) == (4, True, True)
+    assert not config.adaptive
+    vanilla = config_from_checkpoint(_config_dir(tmp_path, **{**PONDERLM_410M, "ponderinglm": False}))
+    assert (vanilla.scale_embeds, vanilla.multiply_pondering_steps) == (False, False)  # a plain LM
+    pythia = config_from_checkpoint(_config_dir(tmp_path))
+    assert (pythia.scale_embeds, pythia.multiply_pondering_steps) == (False, False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"scale_embeds": None}, r"without \['scale_embeds'\]"),
+        ({"mutiply_pondering_steps": None}, r"without \['mutiply_pondering_steps'\]"),
+        ({"pondering_steps": None}, r"without \['pondering_steps'\]"),
+        ({"ponderinglm": None, "scale_embeds": None}, r"without \['scale_embeds'\]"),
+        ({"pondering_steps": 0}, "pondering_steps 0"),
+        ({"pondering_steps": "3"}, "pondering_steps '3'"),
+        ({"scale_embeds": "yes"}, "scale_embeds 'yes'"),
+        ({"multiply_pondering_steps": True}, "'multiply_pondering_steps' in a gpt_neox config"),
+    ],
+)
+def test_missing_or_inconsistent_ponderlm_fields_are_errors(tmp_path, change, message):
+    from model.hf_compat import config_from_checkpoint
+
+    fields = {k: v for k, v in {**PONDERLM_410M, **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        config_from_checkpoint(_config_dir(tmp_path, **fields))
+
+
+def test_adaponder_config_without_its_pondering_fields_is_an_error(tmp_path):
+    from model import AdaPonderConfig
+    from model.hf_compat import config_from_checkpoint
+
+    full = json.loads(AdaPonderConfig(vocab_size=8, hidden_size=16, num_attention_heads=2).to_json_string())
+    (tmp_path / "config.json").write_text(json.dumps(full))
+    assert config_from_checkpoint(tmp_path).num_passes == 4
+    del full["scale_embeds"]
+    (tmp_path / "config.json").write_text(json.dumps(full))
+    with pytest.raises(ValueError, match=r"without \['scale_embeds'\]"):
+        config_from_checkpoint(tmp_path)

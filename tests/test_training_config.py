@@ -1,5 +1,6 @@
 """Run config, DeepSpeed JSON filling, schedules and the pre-launch checks (no process group)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -20,7 +21,7 @@ SHIPPED_DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 @pytest.fixture
 def fake_pythia(tmp_path):
-    """A Pythia-2.8B-shaped Hugging Face directory (config only): enough to validate a config."""
+    """A PonderLM-2.8B-shaped Hugging Face directory (config only): enough to validate a config."""
     root = tmp_path / "pythia"
     root.mkdir()
     config = {
@@ -33,8 +34,10 @@ def fake_pythia(tmp_path):
         "rotary_pct": 0.25,
         "max_position_embeddings": 2048,
         "use_parallel_residual": True,
+        "ponderinglm": True,
         "pondering_steps": 3,
         "scale_embeds": True,
+        "mutiply_pondering_steps": True,
     }
     (root / "config.json").write_text(json.dumps(config))
     return str(root)
@@ -75,6 +78,37 @@ def test_shipped_run_configs_validate(path, train_shards, fake_pythia):
     assert cfg.model_config().vocab_size >= 512
 
 
+# SPEC.md section 1 (Pythia's peak learning rates; PonderLM's scripts reuse them).
+PYTHIA_LR = {"70m": 1e-3, "160m": 6e-4, "410m": 3e-4, "1b": 2.5e-4, "1.4b": 2e-4, "2.8b": 1.6e-4}
+
+
+@pytest.mark.parametrize("size", PYTHIA_LR)
+@pytest.mark.parametrize("continued", [False, True], ids=["scratch", "continued"])
+def test_every_preset_has_recipes_that_plan_for_8_and_16_gpus(size, continued, train_shards, fake_pythia):
+    path = REPO / "configs" / f"pythia-{size}{'-continued' if continued else ''}.yaml"
+    assert "where they come from" in path.read_text()  # each recipe states its sources
+    overrides = data_overrides(train_shards) + ([f"model.init_from={fake_pythia}"] if continued else [])
+    cfg = load_config(path, overrides)
+    assert cfg.optimizer.lr == PYTHIA_LR[size]
+    # PonderLM's scripts: weight decay 0.01, except 0.1 at 410M.
+    assert cfg.optimizer.weight_decay == (0.1 if size == "410m" else 0.01)
+    if continued:
+        assert cfg.model.preset is None and cfg.model.overrides["adaptive"] is True
+        # From a PonderLM checkpoint (1.4B, 2.8B) the gates train alone first, then the backbone re-warms.
+        assert bool(cfg.ponder.gates_only) == bool(cfg.ponder.backbone_warmup) == (size in ("1.4b", "2.8b"))
+    else:
+        assert cfg.model.preset == f"pythia-{size}" and cfg.global_batch_size == 256
+    for world_size in (8, 16):
+        plan, ds_config = pretrain.preflight(cfg, world_size)
+        tokens = plan.train_steps * plan.tokens_per_step
+        # 26B tokens from scratch (the paper); 30B from Pythia (PonderLM's CPT); 12B from PonderLM.
+        expected = 12e9 if cfg.ponder.gates_only else 30e9 if continued else 26.2e9
+        assert tokens == pytest.approx(expected, rel=0.01)
+        assert ds_config[
+            "train_micro_batch_size_per_gpu"
+        ] * plan.gradient_accumulation_steps * world_size == (cfg.global_batch_size)
+
+
 @pytest.mark.parametrize("path", SHIPPED_DS_CONFIGS, ids=lambda p: p.name)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_shipped_ds_configs_are_filled_from_the_run_config(path, precision, train_shards):
@@ -105,6 +139,28 @@ def test_ds_config_contradiction_names_file_and_key(tmp_path, train_shards):
     cfg = load_config(REPO / "configs" / "quickstart.yaml", data_overrides(train_shards))
     with pytest.raises(ValueError, match=r"bad_ds\.json: train_micro_batch_size_per_gpu is 3"):
         load_ds_config(bad, cfg, plan_batches(cfg, 2))
+
+
+def test_monitors_are_filled_from_the_logging_config(tmp_path, train_shards):
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml", [*data_overrides(train_shards), "logging.csv_monitor=true"]
+    )
+    ds = load_ds_config(REPO / "ds_configs" / "zero3.json", cfg, plan_batches(cfg, 2))
+    assert ds["csv_monitor"] == {"enabled": True, "output_path": f"{cfg.run_dir}/monitor", "job_name": "csv"}
+    assert ds["wandb"]["enabled"] is False and ds["tensorboard"]["enabled"] is False
+    own_tensorboard = {
+        **json.loads((REPO / "ds_configs" / "zero3.json").read_text()),
+        "tensorboard": {"enabled": True},
+    }
+    (tmp_path / "tb.json").write_text(json.dumps(own_tensorboard))
+    with pytest.raises(ValueError, match="tensorboard.enabled is True"):
+        load_ds_config(tmp_path / "tb.json", cfg, plan_batches(cfg, 2))
+    if importlib.util.find_spec("wandb") is None:  # wandb stays optional: asking for it says how to get it
+        with pytest.raises(ValueError, match="pip install wandb"):
+            load_config(
+                REPO / "configs" / "quickstart.yaml",
+                [*data_overrides(train_shards), "logging.wandb_project=x"],
+            )
 
 
 def test_unknown_keys_and_bad_values_name_the_field(tmp_path):
@@ -175,6 +231,36 @@ def test_ponder_schedule_and_gates_only_phase_in_tokens(train_shards):
     assert math.isclose(schedules.at(100, 100 * 2048).lr, cfg.optimizer.lr * cfg.schedule.min_lr_ratio)
 
 
+def test_backbone_learning_rate_rewarms_after_the_gates_only_phase(train_shards):
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        [
+            *data_overrides(train_shards),
+            "ponder.unit=steps",
+            "ponder.gates_only=20",
+            "ponder.backbone_warmup=8",
+        ],
+    )
+    schedules = Schedules(cfg, plan_batches(cfg, 2))
+    steps = {step: schedules.at(step, step * 2048) for step in range(1, 40)}
+    assert all(steps[s].gates_only and steps[s].backbone_lr == 0.0 for s in range(1, 21))
+    assert all(steps[s].gate_lr == pytest.approx(steps[s].lr * 0.3) for s in steps)  # quickstart: x0.3
+    for step in range(21, 29):  # linear from 0 over 8 steps, times the schedule's own lr
+        assert not steps[step].gates_only
+        assert steps[step].backbone_lr == pytest.approx(steps[step].lr * (step - 20) / 8)
+    assert all(steps[s].backbone_lr == steps[s].lr for s in range(28, 40))
+    with pytest.raises(ValueError, match="no gates"):
+        load_config(
+            REPO / "configs" / "quickstart.yaml",
+            [*data_overrides(train_shards), "ponder.gates_only=20", "model.overrides.adaptive=false"],
+        )
+    jump = load_config(
+        REPO / "configs" / "quickstart.yaml", [*data_overrides(train_shards), "ponder.gates_only=20"]
+    )
+    after = Schedules(jump, plan_batches(jump, 2)).at(21, 21 * 2048)
+    assert after.backbone_lr == after.lr > 0  # backbone_warmup 0: the old jump, still available
+
+
 def test_failures_before_training_have_clear_messages(tmp_path, train_shards, monkeypatch, capsys):
     # A single-process environment, so that main() does not invent one (and leaves os.environ alone).
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
@@ -213,3 +299,11 @@ def test_slurm_tasks_map_to_torch_distributed_ranks(monkeypatch):
         "8",
         "node-1",
     ]
+
+
+def test_every_launch_of_a_run_logs_to_the_same_wandb_run(tmp_path):
+    from training.metrics import wandb_resume_environment
+
+    first, again = wandb_resume_environment(tmp_path / "run"), wandb_resume_environment(tmp_path / "run")
+    assert first == again and first["WANDB_RESUME"] == "allow"
+    assert wandb_resume_environment(tmp_path / "other")["WANDB_RUN_ID"] != first["WANDB_RUN_ID"]

@@ -5,13 +5,16 @@ resume, are killed, change the number of ranks or the accumulation. fp32 and dro
 resumed runs must match bit for bit.
 """
 
+import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -124,10 +127,10 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, train_shards):
-    """8 uninterrupted steps through the `deepspeed` launcher."""
+    """8 uninterrupted steps through the `deepspeed` launcher, with DeepSpeed's CSV monitor on."""
     tmp = tmp_path_factory.mktemp("reference")
     config = make_config(tmp, train_shards, "reference")
-    train(config, launcher="deepspeed")
+    train(config, "logging.csv_monitor=true", launcher="deepspeed")
     return run_dir(config)
 
 
@@ -158,6 +161,58 @@ def test_tensorboard_holds_the_training_and_eval_scalars(reference):
     events = EventAccumulator(str(reference / "tensorboard"), size_guidance={"histograms": 0})
     events.Reload()
     assert "ponder/passes_per_token" in events.Tags()["histograms"]
+
+
+def histograms(run: Path) -> dict[str, dict[int, Any]]:
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    return {
+        tag: {e.step: e.histogram_value for e in events.Histograms(tag)}
+        for tag in events.Tags()["histograms"]
+    }
+
+
+def documented_tags() -> list[re.Pattern]:
+    """The tags of docs/metrics.md's table, `{j}` / `{u}` standing for numbers."""
+    rows = re.findall(
+        r"^\| `([a-z_/{}0-9]+)` \| (?:scalar|histogram) \|", (REPO / "docs" / "metrics.md").read_text(), re.M
+    )
+    return [re.compile(re.sub(r"\\\{[ju]\\\}", r"[0-9]+", re.escape(row)) + "$") for row in rows]
+
+
+def test_every_logged_tag_is_documented_and_every_documented_tag_logged(reference):
+    logged = set(scalars(reference)) | set(histograms(reference))
+    patterns = documented_tags()
+    assert len(patterns) > 20
+    assert [tag for tag in logged if not any(p.match(tag) for p in patterns)] == []
+    # lr_backbone is logged only with a gates-only phase (test_continued_pretraining...).
+    unused = [p.pattern for p in patterns if not any(p.match(tag) for tag in logged)]
+    assert unused == ["train/lr_backbone$"]
+
+
+def test_gate_histograms_and_halting_fractions_are_written_at_every_logged_step(reference):
+    logged, hists = scalars(reference), histograms(reference)
+    tokens = GLOBAL_BATCH * 32
+    for u in range(3):
+        gate = hists[f"ponder/gate_values/{u}"]
+        assert sorted(gate) == sorted(logged["train/lm_loss"]) == list(range(1, STEPS + 1))
+        for step, h in gate.items():
+            ran_pass_u = 1 - sum(logged[f"ponder/halted_after_pass_{j}"][step] for j in range(1, u + 1))
+            assert h.num == pytest.approx(tokens * ran_pass_u)  # one value per token that ran pass u
+            assert sum(h.bucket) == h.num and 0.0 <= h.min <= h.sum / h.num <= h.max <= 1.0
+    # Gates start near sigmoid(4) = 0.98: step 1's values lie in the top buckets.
+    first = hists["ponder/gate_values/0"][1]
+    assert first.min >= 0.9 and first.sum / first.num > 0.95
+
+
+def test_csv_monitor_holds_the_same_scalars_as_tensorboard(reference):
+    logged = scalars(reference)
+    folder = reference / "monitor" / "csv"
+    for tag in ("train/lm_loss", "train/grad_norm", "ponder/halted_after_pass_4", "eval/lm_loss"):
+        with open(folder / (tag.replace("/", "_") + ".csv")) as f:
+            rows = [row for row in csv.reader(f) if row[0] != "step"]
+        assert {int(step): float(value) for step, value in rows} == pytest.approx(logged[tag], rel=1e-6)
+    assert (folder / "Train_Samples_lr.csv").is_file()  # DeepSpeed's own monitor event, same sink
 
 
 def test_zero3_holds_about_half_the_parameters_per_rank(reference):
@@ -292,7 +347,8 @@ def test_nan_loss_is_reported_and_the_last_checkpoint_kept(tmp_path, train_shard
     assert all(torch.isfinite(t).all() for t in weights(run, 1).values())
 
 
-def test_continued_pretraining_from_a_hf_checkpoint_trains_only_the_gates(tmp_path, train_shards):
+def tiny_pythia(root: Path, **config_fields):
+    """A randomly initialised 2-layer Pythia-shaped checkpoint directory (HF format)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
@@ -305,30 +361,89 @@ def test_continued_pretraining_from_a_hf_checkpoint_trains_only_the_gates(tmp_pa
             intermediate_size=256,
             rotary_pct=0.25,
             max_position_embeddings=256,
+            **config_fields,
         )
     )
-    pythia.save_pretrained(tmp_path / "pythia")
+    pythia.save_pretrained(root)
+    state = pythia.state_dict()
+    state["embed_out.weight"] = state.pop("lm_head.weight", state.get("embed_out.weight"))
+    return state
+
+
+def test_continued_pretraining_trains_the_gates_alone_then_rewarms_the_backbone(tmp_path, train_shards):
+    original = tiny_pythia(tmp_path / "pythia")
     config = make_config(
         tmp_path,
         train_shards,
         "continued",
         model={"init_from": str(tmp_path / "pythia")},
-        ponder={"unit": "tokens", "gates_only": 10**6},  # longer than the run: the backbone stays put
-        train_steps=2,
-        checkpoint__interval=0,
-        logging__eval_interval=0,
+        ponder={"gates_only": 2, "backbone_warmup": 2},
+        train_steps=4,
+        checkpoint__interval=2,
+        logging__eval_interval=4,
     )
-    train(config)
+    config_tree = yaml.safe_load(config.read_text())
+    config_tree["data"]["start_sample"] = 40  # a fresh run that starts further on in the data
+    config.write_text(yaml.safe_dump(config_tree))
+    result = train(config, "exit_at_step=2")  # stops as the gates-only phase ends
+    assert "evaluating" in result.stdout and "as loaded (step 0)" in result.stdout
+    assert summary(run_dir(config))["initial_eval"]["lm_loss"] > 0
+    resumed = train(config)
+    assert "(full state) at step 2" in resumed.stdout and "as loaded (step 0)" not in resumed.stdout
     run = run_dir(config)
     state = json.loads((run / "checkpoints" / tag_for(2) / "train_state.json").read_text())
+    assert state["sampler"]["start_sample"] == 40 and state["consumed_samples"] == 2 * GLOBAL_BATCH
     assert state["provenance"]["init_from"] == str((tmp_path / "pythia").resolve())
     assert set(state["provenance"]["sha256"]) >= {"config.json", "model.safetensors"}
-    trained, original = weights(run, 2), pythia.state_dict()
-    original["embed_out.weight"] = original.pop("lm_head.weight", original.get("embed_out.weight"))
-    backbone = {name: t for name, t in trained.items() if not name.startswith("ponder_gates.")}
-    assert_same_weights(backbone, {name: original[name] for name in backbone})
-    gates = [name for name in trained if name.startswith("ponder_gates.")]
-    assert gates and scalars(run)["train/lr"][2] > 0
+
+    def backbone(step):
+        return {n: t for n, t in weights(run, step).items() if not n.startswith("ponder_gates.")}
+
+    assert_same_weights(backbone(2), {name: original[name] for name in backbone(2)})
+    changed = [n for n, t in backbone(4).items() if not torch.equal(t, original[n])]
+    assert "gpt_neox.layers.0.attention.query_key_value.weight" in changed
+    logged = scalars(run)
+    assert [logged["train/lr_backbone"][s] for s in (1, 2)] == [0.0, 0.0]
+    assert logged["train/lr_backbone"][3] == pytest.approx(logged["train/lr"][3] / 2)  # half-way re-warmed
+    assert logged["train/lr_backbone"][4] == pytest.approx(logged["train/lr"][4])
+    assert all(logged["train/lr_gates"][s] > 0 for s in range(1, 5))
+    # The step-0 evaluation belongs to the first launch; the resumed one does not repeat it.
+    assert sorted(logged["eval/lm_loss"]) == [0, 4] and summary(run)["initial_eval"] is None
+
+
+def test_first_evaluation_is_the_loaded_checkpoints_own_validation_loss(tmp_path, train_shards):
+    from data import build_datasets
+    from data.config import DataConfig
+    from model import AdaPonderForCausalLM
+
+    # A PonderLM checkpoint: 4 passes with its own embedding scale, no gates.
+    ponderlm = {
+        "ponderinglm": True,
+        "pondering_steps": 3,
+        "scale_embeds": True,
+        "mutiply_pondering_steps": True,
+    }
+    tiny_pythia(tmp_path / "ponderlm", **ponderlm)
+    config = make_config(
+        tmp_path,
+        train_shards,
+        "from_ponderlm",
+        model={"init_from": str(tmp_path / "ponderlm")},
+        train_steps=1,
+        checkpoint__interval=0,
+        logging__eval_interval=1,
+    )
+    train(config)
+    logged = scalars(run_dir(config))["eval/lm_loss"]
+    prefix, _ = train_shards
+    valid = build_datasets(DataConfig(train_paths=[prefix], split="95,5,0"), 32, {"valid": 8})["valid"]
+    tokens = torch.stack([torch.from_numpy(valid[i]) for i in range(8)])
+    model = AdaPonderForCausalLM.from_pythia(str(tmp_path / "ponderlm")).eval()
+    assert (model.config.num_passes, model.config.scale_embeds, model.config.adaptive) == (4, True, False)
+    with torch.no_grad():
+        expected = model(input_ids=tokens[:, :-1], labels=tokens[:, 1:], shift_labels=False).lm_loss
+    assert logged[0] == pytest.approx(float(expected), rel=1e-5)
+    assert 1 in logged
 
 
 def test_export_loads_with_transformers_remote_code_without_this_package(reference, tmp_path):

@@ -11,6 +11,7 @@ step over `global_batch_size` samples. Schedule fields state whether they count 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -102,19 +103,25 @@ class PonderConfig:
     `loss_weight` and the bottom-k fraction k rises linearly from 0 to `k_max` over `ramp` units.
     """
 
-    unit: ScheduleUnit = "steps"  # what `start`, `ramp` and `gates_only` count: steps or tokens
+    unit: ScheduleUnit = "steps"  # what `start`, `ramp`, `gates_only`, `backbone_warmup` count
     loss_weight: float = 0.1  # lambda of the bottom-k gate loss (paper: 0.1)
     k_max: float = 0.1  # final fraction of gate values in the bottom-k mean (paper: 0.1)
     start: int = 0  # S0: length of stage 1 (no ponder loss), in `unit`
     ramp: int = 0  # S1 - S0: length of the linear rise of k to k_max, in `unit`
-    gates_only: int = 0  # only the gates learn (backbone learning rate 0) for this long, in `unit`
+    # Only the gates learn for this long, in `unit`: the backbone's parameters do not require grad
+    # (no weight gradients computed, reduced or clipped; its activations still carry the gates'
+    # gradient through later passes) and its learning rate is 0.
+    gates_only: int = 0
+    # After the gates-only phase the backbone's learning rate rises linearly from 0 to the schedule's
+    # over this long, in `unit`, instead of jumping to it with fresh Adam moments. 0: no re-warm.
+    backbone_warmup: int = 0
 
     def validate(self) -> None:
         if self.loss_weight < 0:
             raise ValueError(f"ponder.loss_weight must be >= 0, got {self.loss_weight}")
         if not 0.0 <= self.k_max <= 1.0:
             raise ValueError(f"ponder.k_max must be in [0, 1], got {self.k_max}")
-        for name in ("start", "ramp", "gates_only"):
+        for name in ("start", "ramp", "gates_only", "backbone_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ponder.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -140,6 +147,10 @@ class LoggingConfig:
     eval_samples: int = 64  # validation samples per evaluation: always the same first ones
     peak_tflops: float = 312.0  # peak dense TFLOP/s of one rank's device for MFU (A100 bf16: 312)
     progress_bar: bool = True  # a tqdm bar on rank 0 when stderr is a terminal
+    # Beside TensorBoard, DeepSpeed's own monitors get every scalar (docs/metrics.md):
+    csv_monitor: bool = False  # one `<run_dir>/monitor/csv/<tag>.csv` per tag (step, value)
+    wandb_project: str | None = None  # Weights & Biases project (needs `pip install wandb`); None: off
+    wandb_team: str | None = None  # its entity (team or user); None: the default of your login
 
     def validate(self) -> None:
         if self.log_interval < 1:
@@ -148,6 +159,8 @@ class LoggingConfig:
             raise ValueError("logging.eval_interval and logging.eval_samples must be >= 0")
         if self.peak_tflops <= 0:
             raise ValueError(f"logging.peak_tflops must be > 0, got {self.peak_tflops}")
+        if self.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+            raise ValueError("logging.wandb_project is set but wandb is not installed (pip install wandb)")
 
 
 @dataclass
@@ -191,6 +204,8 @@ class RunConfig:
         if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
             raise ValueError("gradient_accumulation_steps must be >= 1")
         resolve_path(self.deepspeed_config, "deepspeed_config")
+        if self.ponder.gates_only and not self.model_config().adaptive:
+            raise ValueError("ponder.gates_only: the model has no gates (adaptive: false) to train alone")
 
     def model_config(self) -> AdaPonderConfig:
         """The architecture: the preset, or the checkpoint's config.json, with the overrides."""

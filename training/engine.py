@@ -49,7 +49,26 @@ def _owned_values(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
         "optimizer.params.betas": list(opt.betas),
         "optimizer.params.eps": opt.eps,
         "optimizer.params.weight_decay": opt.weight_decay,
+        **_monitor_values(cfg),
     }
+
+
+def _monitor_values(cfg: RunConfig) -> dict[str, Any]:
+    """DeepSpeed's monitors: csv_monitor and wandb as the run config's `logging` asks; its TensorBoard
+    monitor stays off (training.metrics writes `<run_dir>/tensorboard/` with more than it would)."""
+    log = cfg.logging
+    values: dict[str, Any] = {
+        "tensorboard.enabled": False,
+        "csv_monitor.enabled": log.csv_monitor,
+        "wandb.enabled": log.wandb_project is not None,
+    }
+    if log.csv_monitor:
+        values["csv_monitor.output_path"] = str(Path(cfg.run_dir) / "monitor")
+        values["csv_monitor.job_name"] = "csv"
+    if log.wandb_project is not None:
+        values["wandb.project"] = log.wandb_project
+        values["wandb.team"] = log.wandb_team
+    return values
 
 
 def load_ds_config(path: Path, cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
@@ -205,6 +224,12 @@ class Engine:
     def step(self) -> None:
         """Called after every micro-batch; the optimizer steps at the accumulation boundary."""
         self._ds.step()
+
+    def write_events(self, events: list[tuple[str, float, int]]) -> None:
+        """(tag, value, step) scalars to the monitors the DeepSpeed config enables (csv_monitor, wandb),
+        through the engine's own MonitorMaster; rank 0 writes, the others ignore them."""
+        if self._ds.monitor.enabled:
+            self._ds.monitor.write_events(events)
 
     def grad_norm(self) -> float:
         """Global gradient norm before clipping, of the last optimizer step."""

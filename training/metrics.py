@@ -1,5 +1,6 @@
 """Training and validation metrics: accumulated on each rank, reduced once per interval, written by
-rank 0 to TensorBoard (`<run_dir>/tensorboard/`) and the console.
+rank 0 to TensorBoard (`<run_dir>/tensorboard/`), the console, and DeepSpeed's own monitors when the
+run enables them (csv_monitor, wandb: scalars only). docs/metrics.md lists every tag.
 
 FLOPs: the model reports the forward FLOPs of each batch as run adaptively (`total`) and with every
 token in every pass (`dense_total`, what training actually computes). Model FLOPs per training step
@@ -9,10 +10,12 @@ forward, which MFU leaves out by convention.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ TRAIN_SCALARS = (
     "train/ponder_loss",
     "train/loss",
     "train/lr",
+    "train/lr_gates",
     "train/grad_norm",
     "train/ponder_lambda",
     "train/ponder_k",
@@ -39,6 +43,25 @@ TRAIN_SCALARS = (
     "ponder/adaptive_flops_fraction",
 )
 EVAL_SCALARS = ("eval/lm_loss", "eval/ppl", "eval/mean_passes")
+# Gate-value histogram buckets: fine at both ends, where the gates sit (near 1 while pondering, below
+# tau once halting); the model's tau is added as an edge so "halts here" is one bucket.
+GATE_EDGES = (0.0, 1e-3, 1e-2, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+
+
+def gate_edges(halt_threshold: float) -> tuple[float, ...]:
+    return tuple(sorted({*GATE_EDGES, halt_threshold}))
+
+
+def wandb_resume_environment(run_dir: Path) -> dict[str, str]:
+    """Environment for DeepSpeed's `wandb.init()` so that every launch of one run directory logs to
+    the same Weights & Biases run (resumed after a preemption) instead of starting a new one."""
+    run = Path(run_dir).resolve()
+    return {
+        "WANDB_RUN_ID": hashlib.sha256(str(run).encode()).hexdigest()[:16],
+        "WANDB_RESUME": "allow",
+        "WANDB_NAME": run.name,
+        "WANDB_DIR": str(run),
+    }
 
 
 def peak_memory_gib() -> float:
@@ -49,19 +72,28 @@ def peak_memory_gib() -> float:
 
 
 class TrainMeter:
-    """Sums of one logging interval on this rank, kept as one float64 vector on the device.
+    """Sums of one logging interval on this rank, kept as float64 tensors on the device.
 
-    Layout: lm-loss sum, ponder-loss sum, micro-batches, tokens, dense forward FLOPs, adaptive
-    forward FLOPs, then tokens by passes run (1..K).
+    Layout of the vector: lm-loss sum, ponder-loss sum, micro-batches, tokens, dense forward FLOPs,
+    adaptive forward FLOPs, then tokens by passes run (1..K). Gate values: per update u, counts in
+    the buckets of `gate_edges`, then their sum and sum of squares, over the tokens that ran pass u.
     """
 
-    def __init__(self, num_passes: int, device: torch.device):
+    def __init__(
+        self, num_passes: int, device: torch.device, num_gates: int = 0, halt_threshold: float = 1e-4
+    ):
         self._k = num_passes
         self._device = device
+        self._num_gates = num_gates
+        self.edges = gate_edges(halt_threshold)
+        self._inner_edges = torch.tensor(self.edges[1:-1], dtype=torch.float32, device=device)
         self.reset()
 
     def reset(self) -> None:
         self._sums = torch.zeros(6 + self._k, dtype=torch.float64, device=self._device)
+        self._gates = torch.zeros(
+            self._num_gates, len(self.edges) + 1, dtype=torch.float64, device=self._device
+        )
         self._started = time.perf_counter()
         self._excluded = 0.0
         self.steps = 0
@@ -81,6 +113,16 @@ class TrainMeter:
         )
         self._sums[:6] += values
         self._sums[6:] += passes
+        if self._num_gates:
+            self._add_gates(out.gates.detach(), out.passes)
+
+    def _add_gates(self, gates_UBT: torch.Tensor, passes_BT: torch.Tensor) -> None:
+        buckets = len(self.edges) - 1
+        for u in range(self._num_gates):
+            s = gates_UBT[u][passes_BT > u].float()  # gate u only exists for tokens that ran pass u
+            counts = torch.bincount(torch.bucketize(s, self._inner_edges, right=True), minlength=buckets)
+            s = s.double()
+            self._gates[u] += torch.cat([counts.double(), torch.stack([s.sum(), (s * s).sum()])])
 
     def exclude(self, seconds: float) -> None:
         """Time spent on validation or checkpoints: not part of training throughput."""
@@ -96,7 +138,10 @@ class TrainMeter:
         world = dist.world_size()
         memory = torch.zeros(world, dtype=torch.float64, device=self._device)
         memory[dist.rank()] = peak_memory_gib()
-        total = dist.all_reduce_sum(torch.cat([self._sums, memory])).tolist()
+        total = dist.all_reduce_sum(torch.cat([self._sums, memory, self._gates.flatten()])).tolist()
+        gate_rows = total[len(self._sums) + world :]
+        width = len(self.edges) + 1
+        gates = [gate_rows[u * width : (u + 1) * width] for u in range(self._num_gates)]
         lm, ponder, micro, tokens, dense_flops, adaptive_flops = total[:6]
         passes = total[6 : 6 + self._k]
         model_tflops_per_rank = 3 * dense_flops / elapsed / world / 1e12
@@ -111,7 +156,11 @@ class TrainMeter:
             "mean_passes": sum((j + 1) * c for j, c in enumerate(passes)) / tokens,
             "halted_fraction": [c / tokens for c in passes],
             "grad_norm": self.grad_norms[-1] if self.grad_norms else float("nan"),
-            "peak_memory_gib": total[6 + self._k :],
+            "peak_memory_gib": total[6 + self._k : 6 + self._k + world],
+            "gate_histograms": [
+                {"counts": row[:-2], "sum": row[-2], "sum_squares": row[-1], "edges": self.edges}
+                for row in gates
+            ],
             "elapsed": elapsed,
         }
 
@@ -149,8 +198,16 @@ class EvalMeter:
 class MetricsWriter:
     """Rank 0 writes TensorBoard events and console lines; on other ranks every call does nothing."""
 
-    def __init__(self, tensorboard_dir: Path, total_steps: int, start_step: int, progress_bar: bool):
+    def __init__(
+        self,
+        tensorboard_dir: Path,
+        total_steps: int,
+        start_step: int,
+        progress_bar: bool,
+        monitor: Callable[[list[tuple[str, float, int]]], None] | None = None,
+    ):
         self._main = dist.is_main_process()
+        self._monitor = monitor  # DeepSpeed's MonitorMaster.write_events (csv_monitor, wandb)
         self._writer = None
         self._bar = None
         if not self._main:
@@ -180,16 +237,29 @@ class MetricsWriter:
         else:
             print(line, flush=True)
 
-    def train(self, step: int, scalars: dict[str, float], passes_count: list[float]) -> None:
-        """`scalars` keyed by the names in TRAIN_SCALARS; plus per-pass halting and a histogram."""
-        if self._writer is None:
-            return
+    def _scalars(self, scalars: dict[str, float], step: int) -> None:
         for name, value in scalars.items():
             self._writer.add_scalar(name, value, step)
+        if self._monitor is not None:
+            self._monitor([(name, float(value), step) for name, value in scalars.items()])
+
+    def train(
+        self,
+        step: int,
+        scalars: dict[str, float],
+        passes_count: list[float],
+        gate_histograms: list[dict[str, Any]] = (),
+    ) -> None:
+        """`scalars` keyed by the names in TRAIN_SCALARS; plus the fraction of tokens halting after each
+        pass, a histogram of passes per token and one of each gate's values, all at this step."""
+        if self._writer is None:
+            return
         tokens = sum(passes_count)
-        for j, count in enumerate(passes_count):
-            self._writer.add_scalar(f"ponder/halted_after_pass_{j + 1}", count / tokens, step)
+        halting = {f"ponder/halted_after_pass_{j + 1}": c / tokens for j, c in enumerate(passes_count)}
+        self._scalars({**scalars, **halting}, step)
         self._passes_histogram("ponder/passes_per_token", passes_count, step)
+        for u, histogram in enumerate(gate_histograms):
+            self._gate_histogram(f"ponder/gate_values/{u}", histogram, step)
         self.console(
             f"step {step}/{self._total} | loss {scalars['train/lm_loss']:.4f} | "
             f"ponder {scalars['train/ponder_loss']:.4f} | lr {scalars['train/lr']:.3g} | "
@@ -215,15 +285,33 @@ class MetricsWriter:
             global_step=step,
         )
 
+    def _gate_histogram(self, tag: str, histogram: dict[str, Any], step: int) -> None:
+        """Counts per bucket of `gate_edges`; min and max are the edges of the outer non-empty buckets."""
+        counts, edges = histogram["counts"], histogram["edges"]
+        filled = [i for i, c in enumerate(counts) if c]
+        if not filled:
+            return
+        self._writer.add_histogram_raw(
+            tag,
+            min=edges[filled[0]],
+            max=edges[filled[-1] + 1],
+            num=sum(counts),
+            sum=histogram["sum"],
+            sum_squares=histogram["sum_squares"],
+            bucket_limits=list(edges[1:]),
+            bucket_counts=counts,
+            global_step=step,
+        )
+
     def eval(self, step: int, result: dict[str, Any]) -> None:
         if self._writer is None:
             return
-        for name in ("lm_loss", "ppl", "mean_passes"):
-            self._writer.add_scalar(f"eval/{name}", result[name], step)
+        scalars = {f"eval/{name}": result[name] for name in ("lm_loss", "ppl", "mean_passes")}
         for j, (nll, frac) in enumerate(zip(result["nll_by_passes"], result["token_fraction_by_passes"])):
             if frac:
-                self._writer.add_scalar(f"eval/nll_by_passes/{j + 1}", nll, step)
-            self._writer.add_scalar(f"eval/token_fraction_by_passes/{j + 1}", frac, step)
+                scalars[f"eval/nll_by_passes/{j + 1}"] = nll
+            scalars[f"eval/token_fraction_by_passes/{j + 1}"] = frac
+        self._scalars(scalars, step)
         nll_text = ", ".join(
             f"{j + 1}: {nll:.3f} ({100 * frac:.1f}%)"
             for j, (nll, frac) in enumerate(zip(result["nll_by_passes"], result["token_fraction_by_passes"]))

@@ -1,4 +1,4 @@
-"""AdamW parameter groups: (gates | backbone) x (decay | no decay).
+"""AdamW parameter groups: (gates | backbone) x (decay | no decay), and freezing the backbone.
 
 No weight decay on tensors with fewer than 2 dims (biases, LayerNorm weights), as Pythia. Gates and
 backbone are separate groups so that the backbone's learning rate can be 0 while only the gates
@@ -39,3 +39,18 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]
 def set_learning_rates(groups: list[dict[str, Any]], settings: StepSettings) -> None:
     for group in groups:
         group["lr"] = settings.gate_lr if group["gates"] else settings.backbone_lr
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Turn the backbone's parameter gradients off (gates-only phase) or back on.
+
+    Called on the engine's module, which DeepSpeed built with every parameter trainable, so its
+    gradient hooks exist for all of them (ZeRO-3 registers them at initialize, only for parameters
+    that require grad then; they are post-accumulate hooks on the parameters themselves and survive
+    the toggle). While frozen, autograd computes no weight gradient for the backbone and its hook never
+    fires, so nothing is reduced; ZeRO-3 counts a frozen parameter's gradient as zeros (so the global
+    norm and clipping see only the gates) and AdamW at lr 0 leaves it bit-identical. The backbone's
+    activations still carry the gates' gradient through the later passes.
+    """
+    for param in model.backbone_parameters():
+        param.requires_grad_(trainable)

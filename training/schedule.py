@@ -17,8 +17,9 @@ from training.config import BatchPlan, PonderConfig, RunConfig, ScheduleConfig, 
 class StepSettings:
     """What one optimizer step uses."""
 
-    lr: float  # the schedule's learning rate: the backbone's outside the gates-only phase
-    backbone_lr: float  # 0 during the gates-only phase of continued pretraining
+    lr: float  # the schedule's learning rate: the backbone's outside the gates-only phase and re-warm
+    backbone_lr: float  # 0 during the gates-only phase of continued pretraining, then re-warmed
+    gates_only: bool  # the backbone is frozen for this step (its parameters need no gradient)
     gate_lr: float  # lr x optimizer.gate_lr_multiplier
     ponder_lambda: float  # weight of the bottom-k gate loss; 0 in stage 1
     ponder_k: float  # fraction of gate values in the bottom-k mean
@@ -44,6 +45,19 @@ def ponder_weights(cfg: PonderConfig, progress: int) -> tuple[float, float]:
     return cfg.loss_weight, cfg.k_max * ramped
 
 
+def backbone_lr_factor(cfg: PonderConfig, progress: int) -> float:
+    """0 through the gates-only phase, then a linear re-warm to 1 over `backbone_warmup`.
+
+    The backbone's Adam moments are still empty when the phase ends, so the first updates would
+    otherwise be ~lr-sized steps in the sign of a single gradient, at the schedule's full lr.
+    """
+    if progress <= cfg.gates_only:
+        return 0.0
+    if not cfg.gates_only or not cfg.backbone_warmup:
+        return 1.0
+    return min(1.0, (progress - cfg.gates_only) / cfg.backbone_warmup)
+
+
 class Schedules:
     """The settings of every step of one run."""
 
@@ -65,7 +79,8 @@ class Schedules:
         lam, k = ponder_weights(cfg.ponder, ponder_progress)
         return StepSettings(
             lr=lr,
-            backbone_lr=0.0 if gates_only else lr,
+            backbone_lr=lr * backbone_lr_factor(cfg.ponder, ponder_progress),
+            gates_only=gates_only,
             gate_lr=lr * cfg.optimizer.gate_lr_multiplier,
             ponder_lambda=lam,
             ponder_k=k,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import random
 import signal
 import time
@@ -34,8 +35,8 @@ from training import checkpoint
 from training import distributed as dist
 from training import engine as ds
 from training.config import BatchPlan, RunConfig, config_to_dict, dump_config
-from training.metrics import EvalMeter, MetricsWriter, TrainMeter
-from training.optim import param_groups, set_learning_rates
+from training.metrics import EvalMeter, MetricsWriter, TrainMeter, wandb_resume_environment
+from training.optim import param_groups, set_backbone_trainable, set_learning_rates
 from training.schedule import Schedules, StepSettings
 
 CLIENT_STATE_SCHEMA = 1
@@ -80,7 +81,11 @@ class Trainer:
         self.provenance = self._initial_weights(model, resume_tag, resume_state, same_world)
         if cfg.activation_checkpointing:
             model.activation_checkpointing_enable()
+        if cfg.logging.wandb_project is not None:
+            for name, value in wandb_resume_environment(self.run_dir).items():
+                os.environ.setdefault(name, value)  # a user's own WANDB_* settings win
         self.engine = ds.Engine(model, param_groups(model, cfg.optimizer), ds_config)
+        self._backbone_trainable = True  # the engine is built with everything trainable (optim.py)
         client = None
         if resume_state is not None:
             client = self.engine.load(self.checkpoint_dir, resume_tag) if same_world else resume_state
@@ -93,18 +98,26 @@ class Trainer:
             data_parallel_rank=dist.rank(),
             data_parallel_size=plan.data_parallel_size,
             fingerprint=self.datasets["train"].fingerprint,
+            start_sample=cfg.data.first_sample(),
         )
         if client is not None:
             self.sampler.load_state_dict(client["sampler"], allow_data_change=cfg.data.allow_data_change)
         self.schedules = Schedules(cfg, plan)
-        self.meter = TrainMeter(self.model_config.num_passes, self.device)
+        mc = self.model_config
+        num_gates = mc.num_passes - 1 if mc.adaptive else 0
+        self.meter = TrainMeter(mc.num_passes, self.device, num_gates, mc.halt_threshold)
         self.writer = MetricsWriter(
-            self.run_dir / "tensorboard", plan.train_steps, self.state.step, cfg.logging.progress_bar
+            self.run_dir / "tensorboard",
+            plan.train_steps,
+            self.state.step,
+            cfg.logging.progress_bar,
+            monitor=self.engine.write_events,
         )
         self._stop_signal: str | None = None
         self._first_loss: float | None = None
         self._last_train: dict[str, Any] = {}
         self._last_eval: dict[str, Any] | None = None
+        self._initial_eval: dict[str, Any] | None = None
         self._log_start(resume_tag, same_world)
 
     # ----------------------------------------------------------------------------------------------
@@ -147,7 +160,7 @@ class Trainer:
             self.cfg.data,
             self.cfg.seq_len,
             {
-                "train": self.plan.train_steps * self.plan.global_batch_size,
+                "train": self.cfg.data.first_sample() + self.plan.train_steps * self.plan.global_batch_size,
                 "valid": self.cfg.logging.eval_samples if eval_on else 0,
             },
         )
@@ -240,6 +253,12 @@ class Trainer:
         if self.state.step >= plan.train_steps:
             return "already complete"
         batches = iter(build_dataloader(self.datasets["train"], self.sampler, cfg.data.num_workers))
+        if cfg.model.init_from is not None and self.state.step == 0 and cfg.logging.eval_interval:
+            # The pretrained checkpoint's own validation loss, before any update: a wrong embedding
+            # scale or pondering setting shows here rather than as a mysteriously high first loss.
+            self.writer.console(f"evaluating {cfg.model.init_from} as loaded (step 0)")
+            self._evaluate()
+            self._initial_eval = self._last_eval
         self.engine.train()
         self.meter.reset()
         while self.state.step < plan.train_steps:
@@ -267,6 +286,9 @@ class Trainer:
     def _train_step(self, batches: Any, settings: StepSettings) -> None:
         """One optimizer step over gradient_accumulation_steps micro-batches."""
         set_learning_rates(self.engine.param_groups, settings)
+        if self._backbone_trainable == settings.gates_only:
+            self._backbone_trainable = not settings.gates_only
+            set_backbone_trainable(self.engine.module, self._backbone_trainable)
         losses = []
         accumulation = self.plan.gradient_accumulation_steps
         for micro in range(accumulation):
@@ -337,9 +359,9 @@ class Trainer:
             "ponder/mean_passes": m["mean_passes"],
             "ponder/adaptive_flops_fraction": m["adaptive_flops_fraction"],
         }
-        if settings.backbone_lr != settings.lr:
+        if self.cfg.ponder.gates_only:
             scalars["train/lr_backbone"] = settings.backbone_lr
-        self.writer.train(self.state.step, scalars, m["passes_count"])
+        self.writer.train(self.state.step, scalars, m["passes_count"], m["gate_histograms"])
 
     def _evaluate(self) -> None:
         """Validation on the same first `eval_samples` samples every time, dense (ZeRO-3)."""
@@ -401,6 +423,7 @@ class Trainer:
             "peak_memory_gib_per_rank": self._last_train.get("peak_memory_gib"),
             "parameters": self.parameter_counts,
             "eval": self._last_eval,
+            "initial_eval": self._initial_eval,
             "checkpoint": str(self.checkpoint_dir / latest) if latest else None,
             "tensorboard": str(self.run_dir / "tensorboard"),
         }
@@ -436,6 +459,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{num(summary['last_loss'], '.4f')} (last)",
         f"mean passes per token (last interval): {num(summary['mean_passes'], '.3f')}",
     ]
+    if summary.get("initial_eval"):
+        ev = summary["initial_eval"]
+        lines.append(
+            f"validation at step 0 (weights as loaded): loss {ev['lm_loss']:.4f}, ppl {ev['ppl']:.2f}"
+        )
     if summary["eval"]:
         ev = summary["eval"]
         lines.append(
