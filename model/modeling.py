@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -160,27 +159,133 @@ class Layer(GradientCheckpointingLayer):
         return out_BTD, k, v
 
 
+# Bytes of one chunk's fp32 [tokens, V] logits in the pondering mixture: 166 tokens at Pythia's vocabulary.
+MIXTURE_CHUNK_BYTES = 2**25
+
+
+class _ChunkedMixture(torch.autograd.Function):
+    """e = softmax(h W_out^T) @ W_in [n, D] over chunks of tokens, softmax in fp32, never holding
+    more than one chunk's [c, V] logits and probabilities, in the forward or the backward.
+
+    Backward recomputes each chunk's probabilities P from h and applies, per chunk:
+    dP = dE W_in^T, dlogits = P * (dP - sum(P * dP)), dh = dlogits W_out, dW_out += dlogits^T h,
+    dW_in += P^T dE. Top-k (k > 0): softmax over the k largest logits only; the gradients then
+    touch only those k rows of each table (index_add), as the embedding_bag it replaces did.
+    """
+
+    @staticmethod
+    def forward(ctx, h_nD, w_out_VD, w_in_VD, topk: int) -> torch.Tensor:
+        ctx.save_for_backward(h_nD, w_out_VD, w_in_VD)
+        ctx.topk = topk
+        e_nD = h_nD.new_empty(h_nD.shape[0], w_in_VD.shape[1], dtype=w_in_VD.dtype)
+        for rows in _chunks(h_nD.shape[0], w_out_VD.shape[0]):
+            e_nD[rows] = _mixture_chunk(h_nD[rows], w_out_VD, w_in_VD, topk)
+        return e_nD
+
+    @staticmethod
+    def backward(ctx, de_nD):
+        h_nD, w_out_VD, w_in_VD = ctx.saved_tensors
+        need_h, need_out, need_in = ctx.needs_input_grad[:3]
+        dh_nD = torch.zeros_like(h_nD) if need_h else None
+        # fp32 accumulators across chunks, cast to the parameters' dtype at the end.
+        dw_out = torch.zeros_like(w_out_VD, dtype=torch.float32) if need_out else None
+        dw_in = torch.zeros_like(w_in_VD, dtype=torch.float32) if need_in else None
+        for rows in _chunks(h_nD.shape[0], w_out_VD.shape[0]):
+            h_cD, de_cD = h_nD[rows], de_nD[rows].to(w_in_VD.dtype)
+            logits_cV = (h_cD @ w_out_VD.T).float()
+            if ctx.topk:
+                dh_cD = _topk_backward(logits_cV, h_cD, de_cD, w_out_VD, w_in_VD, ctx.topk, dw_out, dw_in)
+                if need_h:
+                    dh_nD[rows] = dh_cD
+                continue
+            p_cV = logits_cV.softmax(-1)
+            if need_in:
+                dw_in += p_cV.T @ de_cD.float()
+            dp_cV = (de_cD @ w_in_VD.T).float()
+            dlogits_cV = (p_cV * (dp_cV - (p_cV * dp_cV).sum(-1, keepdim=True))).to(h_nD.dtype)
+            if need_h:
+                dh_nD[rows] = dlogits_cV @ w_out_VD
+            if need_out:
+                dw_out += dlogits_cV.T.float() @ h_cD.float()
+        return (
+            dh_nD,
+            dw_out.to(w_out_VD.dtype) if need_out else None,
+            dw_in.to(w_in_VD.dtype) if need_in else None,
+            None,
+        )
+
+
+def _chunks(n: int, vocab_size: int) -> list[slice]:
+    size = max(1, MIXTURE_CHUNK_BYTES // (4 * vocab_size))
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _mixture_chunk(
+    h_cD: torch.Tensor, w_out_VD: torch.Tensor, w_in_VD: torch.Tensor, topk: int
+) -> torch.Tensor:
+    logits_cV = (h_cD @ w_out_VD.T).float()
+    if topk:
+        # Renormalised over the k most probable tokens (PonderLM's top-k variant).
+        vals_ck, idx_ck = logits_cV.topk(topk, dim=-1)
+        return F.embedding_bag(
+            idx_ck, w_in_VD, per_sample_weights=vals_ck.softmax(-1).to(w_in_VD.dtype), mode="sum"
+        )
+    return logits_cV.softmax(-1).to(w_in_VD.dtype) @ w_in_VD
+
+
+def _topk_backward(
+    logits_cV: torch.Tensor,
+    h_cD: torch.Tensor,
+    de_cD: torch.Tensor,
+    w_out_VD: torch.Tensor,
+    w_in_VD: torch.Tensor,
+    topk: int,
+    dw_out: torch.Tensor | None,
+    dw_in: torch.Tensor | None,
+) -> torch.Tensor:
+    """dh [c, D] of one top-k chunk; accumulates into dw_out / dw_in (fp32) where given."""
+    vals_ck, idx_ck = logits_cV.topk(topk, dim=-1)
+    w_ck = vals_ck.softmax(-1)
+    flat_idx = idx_ck.reshape(-1)
+    dw_ck = (w_in_VD[idx_ck] * de_cD[:, None]).sum(-1).float()
+    if dw_in is not None:
+        dw_in.index_add_(0, flat_idx, (w_ck[..., None] * de_cD.float()[:, None]).reshape(-1, de_cD.shape[1]))
+    dvals_ck = w_ck * (dw_ck - (w_ck * dw_ck).sum(-1, keepdim=True))
+    if dw_out is not None:
+        dw_out.index_add_(
+            0, flat_idx, (dvals_ck[..., None] * h_cD.float()[:, None]).reshape(-1, h_cD.shape[1])
+        )
+    return (dvals_ck.to(h_cD.dtype)[..., None] * w_out_VD[idx_ck]).sum(1)
+
+
+class PonderHead(nn.Linear):
+    """`embed_out`: the LM head, and the first half of the pondering mixture.
+
+    Called by `embed_in` with its table, so that ZeRO-3 has gathered both weights (each module's are
+    gathered for its own forward and, through the hooks on its output, for its backward).
+    """
+
+    def forward(self, h: torch.Tensor, table: torch.Tensor | None = None, topk: int = 0) -> torch.Tensor:
+        """h [..., D] -> logits [..., V]; with `table` [V, D]: softmax(logits) @ table [..., D]."""
+        if table is None:
+            return super().forward(h)
+        e_nD = _ChunkedMixture.apply(h.reshape(-1, h.shape[-1]), self.weight, table, topk)
+        return e_nD.view(*h.shape[:-1], table.shape[1])
+
+
 class PonderEmbedding(nn.Embedding):
-    """`embed_in`: token lookup for ids, and the pondering mixture `P @ W` for distributions.
+    """`embed_in`: token lookup for ids, and the pondering mixture `P @ W` for hidden states.
 
     The mixture runs through this module's forward, not through `.weight` from outside, so that
     ZeRO-3 gathers the partitioned table for it like for any other call.
     """
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [...] -> rows; probabilities [..., V] -> P @ W; ids [..., k] with `weights`
-        [..., k] -> the weighted sum of those k rows (top-k mixture, never a dense [..., V])."""
-        if weights is not None:
-            *lead, k = x.shape
-            rows = F.embedding_bag(
-                x.reshape(-1, k),
-                self.weight,
-                per_sample_weights=weights.reshape(-1, k).to(self.weight.dtype),
-                mode="sum",
-            )
-            return rows.view(*lead, -1)
-        if x.is_floating_point():
-            return x.to(self.weight.dtype) @ self.weight  # [B, T, V] @ [V, D]
+    def forward(self, x: torch.Tensor, head: PonderHead | None = None, topk: int = 0) -> torch.Tensor:
+        """ids [...] -> rows; hidden states h [..., D] with the LM `head` -> the mixture
+        softmax(head(h)) @ W (over the `topk` most probable tokens if > 0), never a [..., V] tensor
+        for more than one chunk of tokens."""
+        if head is not None:
+            return head(x, self.weight, topk)
         return super().forward(x)
 
 
@@ -368,7 +473,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
     def __init__(self, config: AdaPonderConfig) -> None:
         super().__init__(config)
         self.gpt_neox = Backbone(config)
-        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.embed_out = PonderHead(config.hidden_size, config.vocab_size, bias=False)
         num_gates = config.num_passes - 1 if config.adaptive else 0
         self.ponder_gates = nn.ModuleList([PonderGate(config) for _ in range(num_gates)])
         self.post_init()
@@ -398,30 +503,14 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
                 with gather(params):
                     self._init_weights(module)
 
-    def ponder_embedding(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        """e^i = softmax(embed_out(h^i)) @ (embed_in.weight * embed_scale), softmax in fp32."""
-        logits_BTV = self.embed_out(h_BTD).float()
-        topk = self.config.ponder_topk
-        if topk:
-            # Renormalised over the k most probable tokens (PonderLM's top-k variant).
-            vals_BTk, idx_BTk = logits_BTV.topk(topk, dim=-1)
-            mixture_BTD = self.gpt_neox.embed_in(idx_BTk, vals_BTk.softmax(-1))
-        else:
-            mixture_BTD = self.gpt_neox.embed_in(logits_BTV.softmax(-1))
-        return mixture_BTD * self.config.embed_scale
+    def ponder_embedding(self, h: torch.Tensor) -> torch.Tensor:
+        """e^i = softmax(embed_out(h^i)) @ (embed_in.weight * embed_scale) [..., D], softmax in fp32.
 
-    def _ponder_embedding_maybe_recomputed(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        """`ponder_embedding`, recomputed in backward under activation checkpointing.
-
-        Its [B, T, V] logits and fp32 probabilities dominate a pass's activations at Pythia's vocabulary
-        (1.6 GB each per pass for 4 x 2048 tokens); recomputing keeps only h [B, T, D] per pass.
+        Chunked over tokens, forward and backward (`_ChunkedMixture`): no [..., V] logits or
+        probabilities exist beyond one chunk's, with or without activation checkpointing.
         """
-        checkpointing = self.gpt_neox.layers[
-            0
-        ].gradient_checkpointing  # set by activation_checkpointing_enable
-        if checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self.ponder_embedding, h_BTD, use_reentrant=False)
-        return self.ponder_embedding(h_BTD)
+        mixture = self.gpt_neox.embed_in(h, self.embed_out, self.config.ponder_topk)
+        return mixture * self.config.embed_scale
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         if not input_ids.numel():
@@ -621,7 +710,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
             h_out_BTD = h_BTD if i == 0 else torch.where(active_BT[..., None], h_BTD, h_out_BTD)
             if i == num_run - 1:
                 break
-            e_ponder_BTD = self._ponder_embedding_maybe_recomputed(h_BTD)  # e^i = P^i @ (W_in * scale)
+            e_ponder_BTD = self.ponder_embedding(h_BTD)  # e^i = P^i @ (W_in * scale)
             if cfg.adaptive:
                 s_BT = self.ponder_gates[i](h_BTD)  # s^i = sigmoid(MLP_i(h^i))
                 gates.append(torch.where(active_BT, s_BT, torch.zeros_like(s_BT)))

@@ -320,7 +320,7 @@ def _ponder_step(
     cfg = model.config
     if not cfg.adaptive:
         return (
-            e_nD + model._ponder_embedding_maybe_recomputed(h_nD),
+            e_nD + model.ponder_embedding(h_nD),
             flat_n,
             None,
         )  # PonderLM: E^{i+1} = E^i + e^i
@@ -336,4 +336,4 @@ def _ponder_step(
         h_nD, e_nD, s_n = h_nD[idx], e_nD[idx], s_n[idx]
         flat_n = idx if flat_n is None else flat_n[idx]
     step_n1 = s_n[:, None].to(e_nD.dtype)  # E^{i+1} = E^i + s^i * e^i (m^{i+1} = 1 here)
-    return e_nD + step_n1 * model._ponder_embedding_maybe_recomputed(h_nD), flat_n, gate_X
+    return e_nD + step_n1 * model.ponder_embedding(h_nD), flat_n, gate_X
