@@ -139,6 +139,23 @@ def _store(store_BNSH: torch.Tensor | None, new_nNH: torch.Tensor, lay: PassLayo
     return store_BNSH.transpose(1, 2).index_put(index, new_nNH).transpose(1, 2)
 
 
+class _Supersede(torch.autograd.Function):
+    """`new` as it is, with a zero gradient for `old`: a pass that every token runs replaces all of
+    the previous pass's K/V. The edge to `old` keeps the autograd graph the same shape on a rank
+    whose tokens all run as on one where some halted (the previous pass's K/V then receive
+    gradients through index_put); ZeRO-3 checks that every rank's backward runs the same module
+    hooks in the same order."""
+
+    @staticmethod
+    def forward(ctx, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        ctx.old_shape = old.shape
+        return new.view_as(new)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, grad.new_zeros(ctx.old_shape)
+
+
 def packed_attention(
     attn: nn.Module,
     x_nD: torch.Tensor,
@@ -155,6 +172,8 @@ def packed_attention(
             k_prev.narrow(2, lay.past, lay.chunk_len).copy_(k)
             v_prev.narrow(2, lay.past, lay.chunk_len).copy_(v)
             keys, values = k_prev, v_prev
+        elif k_prev is not None:
+            keys, values = _Supersede.apply(k, k_prev), _Supersede.apply(v, v_prev)
         else:
             keys, values = k, v
     else:
