@@ -202,7 +202,9 @@ class _ChunkedMixture(torch.autograd.Function):
             if need_in:
                 dw_in += p_cV.T @ de_cD.float()
             dp_cV = (de_cD @ w_in_VD.T).float()
-            dlogits_cV = (p_cV * (dp_cV - (p_cV * dp_cV).sum(-1, keepdim=True))).to(h_nD.dtype)
+            # In place, with the row sums as a batched dot product: two [c, V] buffers in all.
+            dp_cV -= torch.bmm(p_cV[:, None, :], dp_cV[:, :, None])[:, 0]
+            dlogits_cV = dp_cV.mul_(p_cV).to(h_nD.dtype)
             if need_h:
                 dh_nD[rows] = dlogits_cV @ w_out_VD
             if need_out:
