@@ -199,8 +199,8 @@ class _ChunkedMixture(torch.autograd.Function):
                     dh_nD[rows] = dh_cD
                 continue
             p_cV = logits_cV.softmax(-1)
-            if need_in:
-                dw_in += p_cV.T @ de_cD.float()
+            if need_in:  # addmm_: no [V, D] temporary per chunk
+                dw_in.addmm_(p_cV.T, de_cD.float())
             dp_cV = (de_cD @ w_in_VD.T).float()
             # In place, with the row sums as a batched dot product: two [c, V] buffers in all.
             dp_cV -= torch.bmm(p_cV[:, None, :], dp_cV[:, :, None])[:, 0]
@@ -208,7 +208,7 @@ class _ChunkedMixture(torch.autograd.Function):
             if need_h:
                 dh_nD[rows] = dlogits_cV @ w_out_VD
             if need_out:
-                dw_out += dlogits_cV.T.float() @ h_cD.float()
+                dw_out.addmm_(dlogits_cV.T.float(), h_cD.float())
         return (
             dh_nD,
             dw_out.to(w_out_VD.dtype) if need_out else None,
