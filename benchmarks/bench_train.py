@@ -1,6 +1,10 @@
 """Training throughput and memory under DeepSpeed ZeRO-3 (ds_configs/zero3.json), pythia-70m shape.
 
     python benchmarks/bench_train.py [--seq-len 64 --micro-batch 2 --steps 3]
+    python benchmarks/bench_train.py --without-deepspeed [--steps 5]
+
+`--without-deepspeed`: ours with K=1 against transformers.GPTNeoXForCausalLM, forward + backward in
+one process, steps interleaved, timed by the wall clock and by process CPU time (median).
 
 Cases, each a fresh torchrun job with the same DeepSpeed config, optimizer and batch per rank:
   ours K=4 adaptive on 2 ranks and on 1 rank (ZeRO-3 scaling, memory per rank);
@@ -33,14 +37,81 @@ CASES = {
 }
 
 
+def build(kind: str, passes: int):
+    """(model, its config): ours with K passes, or GPTNeoXForCausalLM, pythia-70m shape."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from model import AdaPonderConfig, AdaPonderForCausalLM
+
+    config = AdaPonderConfig.from_preset("pythia-70m", num_passes=passes, adaptive=passes > 1)
+    if kind == "ours":
+        return lambda: AdaPonderForCausalLM(config), config
+    hf_config = GPTNeoXConfig(
+        **{k: getattr(config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers")},
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        rotary_pct=config.rotary_pct,
+        max_position_embeddings=config.max_position_embeddings,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+    )
+    return lambda: GPTNeoXForCausalLM(hf_config), config
+
+
+def step_inputs(kind: str, tokens) -> dict:
+    """The trainer's call for ours; the Hugging Face convention (labels shifted inside) for GPT-NeoX."""
+    if kind == "hf":
+        return {"input_ids": tokens[:, :-1], "labels": tokens[:, :-1]}
+    return {
+        "input_ids": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "shift_labels": False,
+        "ponder_lambda": 0.1,
+        "ponder_k": 0.1,
+    }
+
+
+def without_deepspeed(args: argparse.Namespace) -> None:
+    import statistics
+
+    import torch
+
+    torch.manual_seed(0)
+    models = {kind: build(kind, 1)[0]().train() for kind in ("ours", "hf")}
+    vocab = build("ours", 1)[1].vocab_size
+    tokens = torch.randint(0, vocab, (args.micro_batch, args.seq_len + 1))
+    times = {kind: [] for kind in models}
+
+    def step(kind: str) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        models[kind](**step_inputs(kind, tokens)).loss.backward()
+        models[kind].zero_grad(set_to_none=True)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    for _ in range(args.warmup):
+        for kind in models:
+            step(kind)
+    for _ in range(args.steps):
+        for kind in models:
+            times[kind].append(step(kind))
+    print(
+        f"pythia-70m shape, fp32, no DeepSpeed, {torch.get_num_threads()} thread(s), batch "
+        f"{args.micro_batch} x seq {args.seq_len}, forward + backward, median of {args.steps}\n"
+    )
+    print("| clock | ours K=1 s | GPT-NeoX s | ours / GPT-NeoX |")
+    print("|---|---|---|---|")
+    for clock, name in ((0, "wall"), (1, "cpu")):
+        ours = statistics.median(t[clock] for t in times["ours"])
+        hf = statistics.median(t[clock] for t in times["hf"])
+        print(f"| {name} | {ours:.3f} | {hf:.3f} | {ours / hf:.3f} |")
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank of one case: build under zero.Init, warm up, time `--steps` optimizer steps."""
     import resource
 
     import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from model import AdaPonderConfig, AdaPonderForCausalLM
     from model.modeling import forward_flops
     from training import distributed as dist
     from training import engine as ds
@@ -62,52 +133,33 @@ def worker(args: argparse.Namespace) -> None:
     plan = plan_batches(cfg, world)
     ds_config = ds.load_ds_config(REPO / cfg.deepspeed_config, cfg, plan)
     ds.init_distributed()
-    config = AdaPonderConfig.from_preset("pythia-70m", num_passes=passes, adaptive=passes > 1)
-    if kind == "hf":
-        hf_config = GPTNeoXConfig(
-            **{k: getattr(config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers")},
-            num_attention_heads=config.num_attention_heads,
-            intermediate_size=config.intermediate_size,
-            rotary_pct=config.rotary_pct,
-            max_position_embeddings=config.max_position_embeddings,
-            attention_dropout=0.0,
-            hidden_dropout=0.0,
-        )
-        model = ds.build_model(lambda: GPTNeoXForCausalLM(hf_config), ds_config)
-    else:
-        model = ds.build_model(lambda: AdaPonderForCausalLM(config), ds_config)
+    factory, config = build(kind, passes)
+    model = ds.build_model(factory, ds_config)
     engine = ds.Engine(model, [{"params": list(model.parameters())}], ds_config)
     engine.train()
     generator = torch.Generator().manual_seed(dist.rank())
     tokens = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=generator)
 
     def step() -> None:
-        if kind == "hf":
-            out = engine(input_ids=tokens[:, :-1], labels=tokens[:, :-1])
-        else:
-            out = engine(
-                input_ids=tokens[:, :-1],
-                labels=tokens[:, 1:],
-                shift_labels=False,
-                ponder_lambda=0.1,
-                ponder_k=0.1,
-            )
+        out = engine(**step_inputs(kind, tokens))
         engine.backward(out.loss)
         engine.step()
 
     for _ in range(args.warmup):
         step()
     dist.barrier()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         step()
     dist.barrier()
     seconds = (time.perf_counter() - started) / args.steps
+    cpu_seconds = dist.all_gather_object((time.process_time() - cpu_started) / args.steps)
     real = torch.ones(args.micro_batch, args.seq_len, dtype=torch.bool)
     active = torch.ones(passes, args.micro_batch, args.seq_len, dtype=torch.bool)
     flops = float(forward_flops(config, active, real)["dense_total"])  # K=1: GPT-NeoX's own forward
     result = {
         "step_seconds": seconds,
+        "step_cpu_seconds": cpu_seconds,  # per rank: less disturbed by other jobs than the wall clock
         "tokens_per_sec": plan.tokens_per_step / seconds,
         "forward_flops_per_rank": flops,
         "peak_rss_gib": dist.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20),
@@ -149,7 +201,8 @@ def table(results: dict[str, dict], passes: int) -> str:
         f"- ZeRO-3, 2 ranks vs 1 rank: tokens/s x{two['tokens_per_sec'] / one['tokens_per_sec']:.2f}; "
         f"parameters held per rank x{two['params_per_rank'][0] / one['params_per_rank'][0]:.2f}; "
         f"peak RSS per rank x{max(two['peak_rss_gib']) / max(one['peak_rss_gib']):.2f}",
-        f"- ours K=1 vs GPT-NeoX step (same FLOPs): x{k1['step_seconds'] / hf['step_seconds']:.2f}",
+        f"- ours K=1 vs GPT-NeoX step (same FLOPs): x{k1['step_seconds'] / hf['step_seconds']:.2f} wall, "
+        f"x{sum(k1['step_cpu_seconds']) / sum(hf['step_cpu_seconds']):.2f} CPU time (both ranks)",
         f"- ours K={passes} step vs {passes} x GPT-NeoX step: x{raw:.2f} raw; the K={passes} step has "
         f"x{flop_ratio:.2f} the FLOPs of {passes} GPT-NeoX steps (head + mixture between passes), "
         f"so x{raw / flop_ratio:.2f} per FLOP",
@@ -164,11 +217,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="cases to run")
+    parser.add_argument("--without-deepspeed", action="store_true", help="ours K=1 vs GPT-NeoX, one process")
     parser.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.without_deepspeed:
+        without_deepspeed(args)
         return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

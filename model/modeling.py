@@ -6,9 +6,10 @@ References:
   2) AdaPonderLM, arXiv 2603.01914: per-update MLP gates, monotonic hard halting, KV alignment.
   3) ../shared/SPEC.md section 1, which fixes the choices the papers leave open.
 
-Everything here is the dense formulation: every token runs in every pass and masks select what a
-halted token would have kept. Training uses it so that every data-parallel rank calls the same
-modules the same number of times (ZeRO-3 hangs otherwise); skipping halted tokens is for inference.
+`_ponder` is the dense formulation: every token runs in every pass and masks select what a halted
+token would have kept (the reference). model/sparse.py computes the same function, forward and
+backward, running only the tokens still active in each pass (eval mode by default, training with
+`dense=False`); model/inference.py holds the KV cache of generation.
 
 Shape legend:
   B batch, T query positions, S key positions, D hidden size, N heads, H head size,
@@ -22,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -32,6 +32,8 @@ from transformers.utils import ModelOutput
 
 from model.config import AdaPonderConfig
 from model.hf_compat import config_from_checkpoint, load_checkpoint_state_dict, match_state_dict
+from model.inference import checked_cache, chunk_real
+from model.sparse import AlignedKV, PassLayout, packed_attention, ponder_packed
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -130,16 +132,25 @@ class Layer(GradientCheckpointingLayer):
         k_prev_BNTH: torch.Tensor | None = None,
         v_prev_BNTH: torch.Tensor | None = None,
         active_BT: torch.Tensor | None = None,
+        layout: PassLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns the block output and this pass's aligned keys and values."""
-        q, k, v = self.attention.project(self.input_layernorm(x_BTD), cos, sin)
-        if active_BT is not None:
-            # KV alignment: K = where(m^i, K_new, K_prev). K_prev is the previous pass's aligned
-            # cache, so a token halted several passes ago keeps its last active pass's K/V.
-            keep_B1T1 = active_BT[:, None, :, None]
-            k = torch.where(keep_B1T1, k, k_prev_BNTH)
-            v = torch.where(keep_B1T1, v, v_prev_BNTH)
-        attn_BTD = self.attention.attend(q, k, v, mask)
+        """Returns the block output and this pass's aligned keys and values.
+
+        With `layout` (model.sparse) `x` holds the pass's active tokens only, [n, D]; the rotary
+        tables and the mask are the layout's, and k_prev / v_prev the K/V store they update."""
+        if layout is not None:
+            attn_BTD, k, v = packed_attention(
+                self.attention, self.input_layernorm(x_BTD), k_prev_BNTH, v_prev_BNTH, layout
+            )
+        else:
+            q, k, v = self.attention.project(self.input_layernorm(x_BTD), cos, sin)
+            if active_BT is not None:
+                # KV alignment: K = where(m^i, K_new, K_prev). K_prev is the previous pass's aligned
+                # cache, so a token halted several passes ago keeps its last active pass's K/V.
+                keep_B1T1 = active_BT[:, None, :, None]
+                k = torch.where(keep_B1T1, k, k_prev_BNTH)
+                v = torch.where(keep_B1T1, v, v_prev_BNTH)
+            attn_BTD = self.attention.attend(q, k, v, mask)
         if self.use_parallel_residual:
             out_BTD = x_BTD + attn_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
         else:
@@ -148,27 +159,135 @@ class Layer(GradientCheckpointingLayer):
         return out_BTD, k, v
 
 
+# Bytes of one chunk's fp32 [tokens, V] logits in the pondering mixture: 166 tokens at Pythia's vocabulary.
+MIXTURE_CHUNK_BYTES = 2**25
+
+
+class _ChunkedMixture(torch.autograd.Function):
+    """e = softmax(h W_out^T) @ W_in [n, D] over chunks of tokens, softmax in fp32, never holding
+    more than one chunk's [c, V] logits and probabilities, in the forward or the backward.
+
+    Backward recomputes each chunk's probabilities P from h and applies, per chunk:
+    dP = dE W_in^T, dlogits = P * (dP - sum(P * dP)), dh = dlogits W_out, dW_out += dlogits^T h,
+    dW_in += P^T dE. Top-k (k > 0): softmax over the k largest logits only; the gradients then
+    touch only those k rows of each table (index_add), as the embedding_bag it replaces did.
+    """
+
+    @staticmethod
+    def forward(ctx, h_nD, w_out_VD, w_in_VD, topk: int) -> torch.Tensor:
+        ctx.save_for_backward(h_nD, w_out_VD, w_in_VD)
+        ctx.topk = topk
+        e_nD = h_nD.new_empty(h_nD.shape[0], w_in_VD.shape[1], dtype=w_in_VD.dtype)
+        for rows in _chunks(h_nD.shape[0], w_out_VD.shape[0]):
+            e_nD[rows] = _mixture_chunk(h_nD[rows], w_out_VD, w_in_VD, topk)
+        return e_nD
+
+    @staticmethod
+    def backward(ctx, de_nD):
+        h_nD, w_out_VD, w_in_VD = ctx.saved_tensors
+        need_h, need_out, need_in = ctx.needs_input_grad[:3]
+        dh_nD = torch.zeros_like(h_nD) if need_h else None
+        # fp32 accumulators across chunks, cast to the parameters' dtype at the end.
+        dw_out = torch.zeros_like(w_out_VD, dtype=torch.float32) if need_out else None
+        dw_in = torch.zeros_like(w_in_VD, dtype=torch.float32) if need_in else None
+        for rows in _chunks(h_nD.shape[0], w_out_VD.shape[0]):
+            h_cD, de_cD = h_nD[rows], de_nD[rows].to(w_in_VD.dtype)
+            logits_cV = (h_cD @ w_out_VD.T).float()
+            if ctx.topk:
+                dh_cD = _topk_backward(logits_cV, h_cD, de_cD, w_out_VD, w_in_VD, ctx.topk, dw_out, dw_in)
+                if need_h:
+                    dh_nD[rows] = dh_cD
+                continue
+            p_cV = logits_cV.softmax(-1)
+            if need_in:  # addmm_: no [V, D] temporary per chunk
+                dw_in.addmm_(p_cV.T, de_cD.float())
+            dp_cV = (de_cD @ w_in_VD.T).float()
+            # In place, with the row sums as a batched dot product: two [c, V] buffers in all.
+            dp_cV -= torch.bmm(p_cV[:, None, :], dp_cV[:, :, None])[:, 0]
+            dlogits_cV = dp_cV.mul_(p_cV).to(h_nD.dtype)
+            if need_h:
+                dh_nD[rows] = dlogits_cV @ w_out_VD
+            if need_out:
+                dw_out.addmm_(dlogits_cV.T.float(), h_cD.float())
+        return (
+            dh_nD,
+            dw_out.to(w_out_VD.dtype) if need_out else None,
+            dw_in.to(w_in_VD.dtype) if need_in else None,
+            None,
+        )
+
+
+def _chunks(n: int, vocab_size: int) -> list[slice]:
+    size = max(1, MIXTURE_CHUNK_BYTES // (4 * vocab_size))
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _mixture_chunk(
+    h_cD: torch.Tensor, w_out_VD: torch.Tensor, w_in_VD: torch.Tensor, topk: int
+) -> torch.Tensor:
+    logits_cV = (h_cD @ w_out_VD.T).float()
+    if topk:
+        # Renormalised over the k most probable tokens (PonderLM's top-k variant).
+        vals_ck, idx_ck = logits_cV.topk(topk, dim=-1)
+        return F.embedding_bag(
+            idx_ck, w_in_VD, per_sample_weights=vals_ck.softmax(-1).to(w_in_VD.dtype), mode="sum"
+        )
+    return logits_cV.softmax(-1).to(w_in_VD.dtype) @ w_in_VD
+
+
+def _topk_backward(
+    logits_cV: torch.Tensor,
+    h_cD: torch.Tensor,
+    de_cD: torch.Tensor,
+    w_out_VD: torch.Tensor,
+    w_in_VD: torch.Tensor,
+    topk: int,
+    dw_out: torch.Tensor | None,
+    dw_in: torch.Tensor | None,
+) -> torch.Tensor:
+    """dh [c, D] of one top-k chunk; accumulates into dw_out / dw_in (fp32) where given."""
+    vals_ck, idx_ck = logits_cV.topk(topk, dim=-1)
+    w_ck = vals_ck.softmax(-1)
+    flat_idx = idx_ck.reshape(-1)
+    dw_ck = (w_in_VD[idx_ck] * de_cD[:, None]).sum(-1).float()
+    if dw_in is not None:
+        dw_in.index_add_(0, flat_idx, (w_ck[..., None] * de_cD.float()[:, None]).reshape(-1, de_cD.shape[1]))
+    dvals_ck = w_ck * (dw_ck - (w_ck * dw_ck).sum(-1, keepdim=True))
+    if dw_out is not None:
+        dw_out.index_add_(
+            0, flat_idx, (dvals_ck[..., None] * h_cD.float()[:, None]).reshape(-1, h_cD.shape[1])
+        )
+    return (dvals_ck.to(h_cD.dtype)[..., None] * w_out_VD[idx_ck]).sum(1)
+
+
+class PonderHead(nn.Linear):
+    """`embed_out`: the LM head, and the first half of the pondering mixture.
+
+    Called by `embed_in` with its table, so that ZeRO-3 has gathered both weights (each module's are
+    gathered for its own forward and, through the hooks on its output, for its backward).
+    """
+
+    def forward(self, h: torch.Tensor, table: torch.Tensor | None = None, topk: int = 0) -> torch.Tensor:
+        """h [..., D] -> logits [..., V]; with `table` [V, D]: softmax(logits) @ table [..., D]."""
+        if table is None:
+            return super().forward(h)
+        e_nD = _ChunkedMixture.apply(h.reshape(-1, h.shape[-1]), self.weight, table, topk)
+        return e_nD.view(*h.shape[:-1], table.shape[1])
+
+
 class PonderEmbedding(nn.Embedding):
-    """`embed_in`: token lookup for ids, and the pondering mixture `P @ W` for distributions.
+    """`embed_in`: token lookup for ids, and the pondering mixture `P @ W` for hidden states.
 
     The mixture runs through this module's forward, not through `.weight` from outside, so that
     ZeRO-3 gathers the partitioned table for it like for any other call.
     """
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [B, T] -> rows; probabilities [B, T, V] -> P @ W; ids [B, T, k] with `weights`
-        [B, T, k] -> the weighted sum of those k rows (top-k mixture, never a dense [B, T, V])."""
-        if weights is not None:
-            b, t, k = x.shape
-            rows = F.embedding_bag(
-                x.reshape(-1, k),
-                self.weight,
-                per_sample_weights=weights.reshape(-1, k).to(self.weight.dtype),
-                mode="sum",
-            )
-            return rows.view(b, t, -1)
-        if x.is_floating_point():
-            return x.to(self.weight.dtype) @ self.weight  # [B, T, V] @ [V, D]
+    def forward(self, x: torch.Tensor, head: PonderHead | None = None, topk: int = 0) -> torch.Tensor:
+        """ids [...] -> rows; hidden states h [..., D] with the LM `head` -> the mixture
+        softmax(head(h)) @ W (over the `topk` most probable tokens if > 0), never a [..., V] tensor
+        for more than one chunk of tokens."""
+        if head is not None:
+            return head(x, self.weight, topk)
         return super().forward(x)
 
 
@@ -356,7 +475,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
     def __init__(self, config: AdaPonderConfig) -> None:
         super().__init__(config)
         self.gpt_neox = Backbone(config)
-        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.embed_out = PonderHead(config.hidden_size, config.vocab_size, bias=False)
         num_gates = config.num_passes - 1 if config.adaptive else 0
         self.ponder_gates = nn.ModuleList([PonderGate(config) for _ in range(num_gates)])
         self.post_init()
@@ -386,30 +505,14 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
                 with gather(params):
                     self._init_weights(module)
 
-    def ponder_embedding(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        """e^i = softmax(embed_out(h^i)) @ (embed_in.weight * embed_scale), softmax in fp32."""
-        logits_BTV = self.embed_out(h_BTD).float()
-        topk = self.config.ponder_topk
-        if topk:
-            # Renormalised over the k most probable tokens (PonderLM's top-k variant).
-            vals_BTk, idx_BTk = logits_BTV.topk(topk, dim=-1)
-            mixture_BTD = self.gpt_neox.embed_in(idx_BTk, vals_BTk.softmax(-1))
-        else:
-            mixture_BTD = self.gpt_neox.embed_in(logits_BTV.softmax(-1))
-        return mixture_BTD * self.config.embed_scale
+    def ponder_embedding(self, h: torch.Tensor) -> torch.Tensor:
+        """e^i = softmax(embed_out(h^i)) @ (embed_in.weight * embed_scale) [..., D], softmax in fp32.
 
-    def _ponder_embedding_maybe_recomputed(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        """`ponder_embedding`, recomputed in backward under activation checkpointing.
-
-        Its [B, T, V] logits and fp32 probabilities dominate a pass's activations at Pythia's vocabulary
-        (1.6 GB each per pass for 4 x 2048 tokens); recomputing keeps only h [B, T, D] per pass.
+        Chunked over tokens, forward and backward (`_ChunkedMixture`): no [..., V] logits or
+        probabilities exist beyond one chunk's, with or without activation checkpointing.
         """
-        checkpointing = self.gpt_neox.layers[
-            0
-        ].gradient_checkpointing  # set by activation_checkpointing_enable
-        if checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self.ponder_embedding, h_BTD, use_reentrant=False)
-        return self.ponder_embedding(h_BTD)
+        mixture = self.gpt_neox.embed_in(h, self.embed_out, self.config.ponder_topk)
+        return mixture * self.config.embed_scale
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         if not input_ids.numel():
@@ -439,44 +542,50 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         max_passes: int | None = None,
         **kwargs: Any,
     ) -> AdaPonderOutput:
-        """K-pass pondering forward, dense (training; `dense=True`) or sparse, skipping halted
-        tokens (eval mode by default; model/inference.py). `halt_threshold` (tau) and `max_passes`
-        override the config's for this call: the inference-time compute knob. See
-        docs/model-api.md for arguments and outputs."""
+        """K-pass pondering forward, dense (`dense=True`, the default in training mode) or sparse,
+        skipping halted tokens (model/sparse.py; `dense=False`, the default in eval mode), with the
+        same numbers and gradients. `halt_threshold` (tau) and `max_passes` override the config's
+        for this call: the inference-time compute knob. See docs/model-api.md for arguments and
+        outputs."""
         cache = cache if cache is not None else kwargs.get("past_key_values")
         self._check_input_ids(input_ids)
         if labels is not None and logits_to_keep:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
         tau, num_run = self._compute_knob(halt_threshold, max_passes)
-        past_real_B = None
-        sparse = self._runs_sparse(dense, cache, use_cache, exit_passes is not None)
+        cached = cache is not None or bool(use_cache)
+        sparse = self._runs_sparse(dense, cached)
         if exit_passes is not None:
-            self._check_exit_passes(exit_passes, input_ids, sparse)
-        if sparse:
-            from model.inference import checked_cache, sparse_ponder  # inference builds on this module
-
-            returns_cache = use_cache is not False and (cache is not None or bool(use_cache))
-            # Without a cache to return, only two passes' K/V are ever needed (model.inference).
-            cache = checked_cache(cache, self.config, scratch=not returns_cache)
-            result = sparse_ponder(self, input_ids, attention_mask, position_ids, cache, tau, num_run)
+            self._check_exit_passes(exit_passes, input_ids)
+        b, t = input_ids.shape
+        past_real_B = None
+        if cached:
+            cache = checked_cache(cache, self.config)
+            real_BT = chunk_real(attention_mask, b, t, cache.get_seq_length(), input_ids.device)
+            position_ids = self._position_ids(position_ids, b, t, cache.get_seq_length(), input_ids.device)
+            with torch.no_grad():  # the cache is written in place: inference only
+                past_real_B, real_BS = cache.begin_chunk(real_BT, self.dtype)
+                result = self._ponder_sparse(
+                    input_ids, real_BT, position_ids, cache, real_BS, exit_passes, tau, num_run
+                )
+                cache.end_chunk(result.active, real_BT)
             h_out_BTD, active_KBT, gates_UBT = result.h_out, result.active, result.gates
-            real_BT, past_real_B = result.real, result.past_real
         else:
-            returns_cache = False
-            b, t = input_ids.shape
-            if position_ids is None:
-                position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
-            real_BT = (
-                attention_mask.bool()
-                if attention_mask is not None
-                else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
-            )
-            mask = _padding_mask(attention_mask)
-            h_out_BTD, active_KBT, gates_UBT = self._ponder(
-                input_ids, position_ids, mask, exit_passes, tau, num_run
-            )
+            position_ids = self._position_ids(position_ids, b, t, 0, input_ids.device)
+            real_BT = chunk_real(attention_mask, b, t, 0, input_ids.device)
+            if sparse:
+                kv = AlignedKV(self.config.num_hidden_layers)
+                result = self._ponder_sparse(
+                    input_ids, real_BT, position_ids, kv, real_BT, exit_passes, tau, num_run
+                )
+                h_out_BTD, active_KBT, gates_UBT = result.h_out, result.active, result.gates
+            else:
+                mask = _padding_mask(attention_mask)
+                h_out_BTD, active_KBT, gates_UBT = self._ponder(
+                    input_ids, position_ids, mask, exit_passes, tau, num_run
+                )
         # generate() asks for the last position only (logits_to_keep=1): no head for the others.
         logits_BTV = self.embed_out(h_out_BTD[:, -logits_to_keep:] if logits_to_keep else h_out_BTD)
+        returns_cache = cached and use_cache is not False
         out = AdaPonderOutput(logits=logits_BTV, gates=gates_UBT, cache=cache if returns_cache else None)
         if labels is not None:
             self._add_losses(out, labels, shift_labels, real_BT, ponder_lambda, ponder_k)
@@ -484,6 +593,41 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
             out.passes, out.halted_fraction, out.mean_passes = halting_stats(active_KBT, real_BT)
             out.flops = forward_flops(self.config, active_KBT, real_BT, past_real_B)
         return out
+
+    @staticmethod
+    def _position_ids(
+        position_ids: torch.Tensor | None, b: int, t: int, past: int, device: torch.device
+    ) -> torch.Tensor:
+        """The call's position ids, by default the positions past .. past + T - 1."""
+        if position_ids is None:
+            return torch.arange(past, past + t, device=device).expand(b, t)
+        if position_ids.shape != (b, t):
+            raise ValueError(
+                f"position_ids must be [{b}, {t}] like input_ids, got {list(position_ids.shape)}"
+            )
+        return position_ids
+
+    def _ponder_sparse(
+        self,
+        input_ids_BT: torch.Tensor,
+        real_BT: torch.Tensor,
+        position_ids_BT: torch.Tensor,
+        kv: Any,
+        real_BS: torch.Tensor,
+        exit_passes_BT: torch.Tensor | None,
+        tau: float,
+        num_run: int,
+    ):
+        """model.sparse.ponder_packed on this call's tokens, after `real_BS.shape[1] - T` cached ones."""
+        cfg = self.config
+        cos, sin = rotary_cos_sin(position_ids_BT, cfg.rotary_ndims, cfg.rotary_emb_base, self.dtype)
+        # ZeRO-3 (partitioned parameters) gathers each module's weights on every rank together, and
+        # gradient reduction expects every parameter on every rank: then no pass may be skipped.
+        uniform = torch.is_grad_enabled() or hasattr(self.embed_out.weight, "ds_id")
+        past = real_BS.shape[1] - input_ids_BT.shape[1]
+        return ponder_packed(
+            self, input_ids_BT, real_BT, cos, sin, kv, past, real_BS, tau, num_run, exit_passes_BT, uniform
+        )
 
     def _compute_knob(self, halt_threshold: float | None, max_passes: int | None) -> tuple[float, int]:
         """tau and the passes to run at most, from the call's arguments or else the config."""
@@ -496,35 +640,24 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
             raise ValueError(f"max_passes must be in [1, num_passes={k}], got {cap}")
         return tau, k if cap is None else int(cap)
 
-    def _runs_sparse(self, dense: bool | None, cache: Any, use_cache: bool | None, exits: bool) -> bool:
-        """Dense in training mode, with `dense=True` and with `exit_passes`; sparse with
-        `dense=False`, whenever a cache is passed or asked for, and by default in eval mode.
-
-        The default stays dense where the sparse path would be wrong or useless: parameters
-        partitioned by DeepSpeed ZeRO-3 (every rank must run the same modules), gradients being
-        recorded (the sparse path computes none), nothing that can halt (not adaptive).
-        """
+    def _runs_sparse(self, dense: bool | None, cached: bool) -> bool:
+        """Dense with `dense=True` and by default in training mode (the trainer passes
+        `ponder.sparse_training`); sparse with `dense=False`, with a KV cache, and by default in
+        eval mode whenever tokens can halt (adaptive, K > 1)."""
+        if cached and self.training:
+            raise ValueError("a KV cache is for inference: call model.eval()")
+        if dense and cached:
+            raise ValueError("a KV cache needs the sparse path: leave dense unset")
         if dense is None:
-            wants_cache = cache is not None or bool(use_cache)
-            dense = self.training or exits or (not wants_cache and not self._skips_halted_by_default())
-        if dense and cache is not None:
-            raise ValueError("a KV cache needs the sparse path: call model.eval() and leave dense unset")
-        if not dense and self.training:
-            raise ValueError("the sparse path is for inference: call model.eval() (training runs dense)")
+            can_halt = self.config.adaptive and self.config.num_passes > 1
+            dense = not cached and (self.training or not can_halt)
         return not dense
-
-    def _skips_halted_by_default(self) -> bool:
-        partitioned = hasattr(self.embed_out.weight, "ds_id")  # ZeRO-3 marks its parameters so
-        records_grad = torch.is_grad_enabled() and self.embed_out.weight.requires_grad
-        return self.config.adaptive and self.config.num_passes > 1 and not partitioned and not records_grad
 
     def _prepare_cache_for_generation(
         self, generation_config: Any, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
     ) -> None:
         """generate()'s hook (transformers/generation/utils.py) that puts a cache in
         `model_kwargs["cache"]`: ours, sized once for the whole generation, instead of a DynamicCache."""
-        from model.inference import checked_cache  # inference builds on this module
-
         if generation_config.cache_implementation is not None:
             raise ValueError("cache_implementation is not supported: AdaPonderLM uses its own per-pass cache")
         if model_kwargs.get("cache") is not None and generation_config.use_cache is False:
@@ -534,9 +667,9 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
             max_length = max(generation_config.max_length - 1, 1)
             model_kwargs["cache"] = checked_cache(model_kwargs.get("cache"), self.config, max_length)
 
-    def _check_exit_passes(self, exit_passes: torch.Tensor, input_ids: torch.Tensor, sparse: bool) -> None:
-        if sparse or not self.config.adaptive:
-            raise ValueError("exit_passes replaces the gates' halting: it needs an adaptive model, dense")
+    def _check_exit_passes(self, exit_passes: torch.Tensor, input_ids: torch.Tensor) -> None:
+        if not self.config.adaptive:
+            raise ValueError("exit_passes replaces the gates' halting: it needs an adaptive model")
         if exit_passes.shape != input_ids.shape:
             raise ValueError(
                 f"exit_passes has shape {tuple(exit_passes.shape)}, input_ids {tuple(input_ids.shape)}"
@@ -579,7 +712,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
             h_out_BTD = h_BTD if i == 0 else torch.where(active_BT[..., None], h_BTD, h_out_BTD)
             if i == num_run - 1:
                 break
-            e_ponder_BTD = self._ponder_embedding_maybe_recomputed(h_BTD)  # e^i = P^i @ (W_in * scale)
+            e_ponder_BTD = self.ponder_embedding(h_BTD)  # e^i = P^i @ (W_in * scale)
             if cfg.adaptive:
                 s_BT = self.ponder_gates[i](h_BTD)  # s^i = sigmoid(MLP_i(h^i))
                 gates.append(torch.where(active_BT, s_BT, torch.zeros_like(s_BT)))
@@ -612,9 +745,13 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         logits_BTV = out.logits
         if shift_labels:
             labels_BT = F.pad(labels_BT[:, 1:], (0, 1), value=-100)
+        # A padding position predicts nothing (the sparse path never computes it: logits 0).
+        labels_BT = labels_BT.masked_fill(~real_BT, -100)
+        # Over contiguous [B*T, V] rows: the [B, V, T] transposed form copies the logits twice and
+        # runs log_softmax strided (2.3x the time of the loss at Pythia's vocabulary, on CPU).
         nll_BT = F.cross_entropy(
-            logits_BTV.float().transpose(1, 2), labels_BT, ignore_index=-100, reduction="none"
-        )
+            logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=-100, reduction="none"
+        ).view_as(labels_BT)
         out.loss_mask = labels_BT != -100
         out.token_nll = nll_BT.detach()
         out.lm_loss = nll_BT.sum() / out.loss_mask.sum().clamp(min=1)

@@ -18,6 +18,7 @@ _MODULES = {
     "modeling": "modeling_adaponder",
     "hf_compat": "hf_compat_adaponder",
     "inference": "inference_adaponder",
+    "sparse": "sparse_adaponder",
 }
 AUTO_MAP = {
     "AutoConfig": "configuration_adaponder.AdaPonderConfig",

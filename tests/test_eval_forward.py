@@ -1,27 +1,31 @@
 """The evaluation forward: eval mode skips halted tokens by default, and the compute knob
 (halt_threshold, max_passes) set at load or call time."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from test_inference import left_padded_batch
 from tiny_models import random_halting_model
 
-import model.inference as inference
+import model.modeling as modeling
 from model import AdaPonderForCausalLM
 from model.inference import AdaPonderCache
+from model.sparse import AlignedKV
 
 
 @pytest.fixture
 def sparse_calls(monkeypatch):
-    """Counts calls of the sparse pondering forward."""
+    """Counts calls of the sparse pondering loop, recording the K/V store each ran with."""
     calls = []
-    original = inference.sparse_ponder
+    original = modeling.ponder_packed
 
     def counting(*args, **kwargs):
-        calls.append(args[4])  # the cache it ran with
+        calls.append(args[5])  # the K/V store
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "sparse_ponder", counting)
+    monkeypatch.setattr(modeling, "ponder_packed", counting)
     return calls
 
 
@@ -33,7 +37,7 @@ def test_eval_mode_skips_halted_tokens_by_default_with_the_dense_numbers(sparse_
         dense = model(ids, attention_mask=mask, position_ids=positions, dense=True)
         assert not sparse_calls
         default = model(ids, attention_mask=mask, position_ids=positions)
-    assert len(sparse_calls) == 1 and sparse_calls[0].scratch, "no cache asked for: a two-slot scratch cache"
+    assert len(sparse_calls) == 1 and isinstance(sparse_calls[0], AlignedKV), "no cache asked for"
     assert default.cache is None
     assert set(dense.passes[real].tolist()) == {1, 2, 3, 4}, "tokens must halt after every pass"
     assert torch.equal(default.passes[real], dense.passes[real])
@@ -41,29 +45,44 @@ def test_eval_mode_skips_halted_tokens_by_default_with_the_dense_numbers(sparse_
     assert float(default.flops["total"]) < float(default.flops["dense_total"])
 
 
-def test_default_stays_dense_where_skipping_would_be_wrong(sparse_calls):
+def test_eval_mode_with_gradients_is_sparse_and_differentiable_training_mode_stays_dense(sparse_calls):
     model = random_halting_model(seed=12)
     ids = torch.randint(1, 90, (2, 8))
-    model(ids)  # training mode
-    model.eval()
-    out = model(ids)  # eval mode, but gradients are being recorded: the sparse path has none
-    assert out.logits.requires_grad
-    with torch.no_grad():
-        model(ids, exit_passes=torch.full_like(ids, 2))  # fixed pruning is a dense-path feature
+    model(ids)  # training mode: dense unless asked (the trainer passes ponder.sparse_training)
     assert not sparse_calls
+    model.eval()
+    out = model(ids)  # eval mode recording gradients: sparse, with gradients
+    assert len(sparse_calls) == 1 and out.logits.requires_grad
+    out.logits.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(ids, dense=True).logits.sum().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, atol=1e-5, rtol=1e-5, msg=name)
+    random_halting_model(seed=12, adaptive=False).eval()(ids)  # nothing halts: dense
+    assert len(sparse_calls) == 1
 
 
-def test_eval_forward_without_cache_holds_two_passes_of_keys_and_values():
+def test_eval_forward_without_cache_holds_two_passes_of_keys_and_values(monkeypatch):
     model = random_halting_model(seed=13).eval()
-    scratch, full = AdaPonderCache(model.config, scratch=True), AdaPonderCache(model.config)
     ids = torch.randint(1, 90, (2, 10))
+    passes = []  # weak references to each pass's first-layer keys, and whether older ones were alive
+    original = AlignedKV.update
+
+    def update(self, pass_idx, kv):
+        passes.append(weakref.ref(kv[0][0]))
+        original(self, pass_idx, kv)
+        gc.collect()
+        assert all(ref() is None for ref in passes[:-2]), "only two passes' K/V may be alive"
+
+    monkeypatch.setattr(AlignedKV, "update", update)
     with torch.no_grad():
-        via_scratch = model(ids, cache=scratch, use_cache=False)
-        via_full = model(ids, cache=full)
-    torch.testing.assert_close(via_scratch.logits, via_full.logits, atol=1e-6, rtol=1e-6)
-    assert scratch.kv.shape[0] == 2 and full.kv.shape[0] == model.config.num_passes
-    with pytest.raises(ValueError, match="scratch"):
-        scratch.keys(0, 0)
+        uncached = model(ids, halt_threshold=0.0)  # nobody halts: every pass runs
+        cached = model(ids, cache=AdaPonderCache(model.config))
+    assert len(passes) == model.config.num_passes
+    assert uncached.cache is None
+    torch.testing.assert_close(uncached.logits, model(ids, dense=True, halt_threshold=0.0).logits)
+    torch.testing.assert_close(cached.logits, model(ids, dense=True).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dense", [True, False])

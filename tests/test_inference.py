@@ -169,9 +169,14 @@ def test_halted_tokens_are_never_computed_and_empty_passes_are_skipped():
             gate.dense_out.weight.zero_()
             gate.dense_out.bias.fill_(-50.0)
     mlp_rows.clear()
-    out = model(ids, attention_mask=mask, position_ids=positions, dense=False)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=positions, dense=False)
     assert mlp_rows == [int(mask.sum())]
     assert (out.passes[mask.bool()] == 1).all()
+    # Recording gradients (training, ZeRO-3): every module runs in every pass, with no rows if need be.
+    mlp_rows.clear()
+    model(ids, attention_mask=mask, position_ids=positions, dense=False).logits.sum().backward()
+    assert mlp_rows == [int(mask.sum())] + [0] * (k - 1)
     for h in handles:
         h.remove()
 
@@ -251,7 +256,7 @@ def test_cache_memory_and_user_errors():
     with pytest.raises(ValueError, match="use_cache=False"):
         model.generate(ids, cache=AdaPonderCache(cfg), use_cache=False, max_new_tokens=2, pad_token_id=0)
     with pytest.raises(ValueError, match="for inference"):
-        model.train()(ids, dense=False)
+        model.train()(ids, cache=AdaPonderCache(cfg))
 
 
 def save_tiny_tokenizer(path):

@@ -441,33 +441,6 @@ def test_top_k_mixture_is_the_renormalised_top_k_of_the_softmax():
     assert not torch.allclose(full.ponder_embedding(h), expected, atol=1e-4)
 
 
-def saved_activation_bytes(model, ids) -> int:
-    """Bytes autograd keeps for backward during one training forward (parameters excluded)."""
-    params = {p.data_ptr() for p in model.parameters()}
-    total = 0
-
-    def pack(tensor):
-        nonlocal total
-        if tensor.data_ptr() not in params:
-            total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, labels=ids).loss.backward()
-    return total
-
-
-def test_activation_checkpointing_recomputes_the_vocabulary_sized_mixture():
-    model = random_halting_model(seed=16, vocab_size=4096).train()
-    ids = torch.randint(0, 4096, (2, 32))
-    plain = saved_activation_bytes(model, ids)
-    model.activation_checkpointing_enable()
-    checkpointed = saved_activation_bytes(model, ids)
-    # Without recomputation each of the K - 1 mixtures keeps at least its fp32 probabilities [B, T, V].
-    probs_bytes = 2 * 32 * 4096 * 4
-    assert plain - checkpointed >= (model.config.num_passes - 1) * probs_bytes
-
-
 def test_exit_passes_replace_the_gates_halting_decision():
     model = random_halting_model(seed=17).eval()
     ids = torch.randint(0, VOCAB, (2, 10))

@@ -299,6 +299,7 @@ class Trainer:
                 shift_labels=False,
                 ponder_lambda=settings.ponder_lambda,
                 ponder_k=settings.ponder_k,
+                dense=not self.cfg.ponder.sparse_training,
             )
             self.engine.backward(out.loss)
             losses.append(out.loss.detach())
