@@ -5,6 +5,7 @@ import torch
 from test_inference import left_padded_batch
 from tiny_models import random_halting_model
 
+from model import speculative
 from model.inference import AdaPonderCache
 
 
@@ -67,3 +68,60 @@ def test_crop_rejects_more_than_it_holds():
     assert cache.seq_length == 3
     with pytest.raises(ValueError, match="crop"):
         cache.crop(-4)
+
+
+MODELS = {
+    "adaptive": lambda: random_halting_model(seed=3).eval(),
+    "adaptive-sequential-residual": lambda: random_halting_model(seed=4, use_parallel_residual=False).eval(),
+    "ponderlm": lambda: random_halting_model(seed=5, adaptive=False).eval(),
+}
+
+
+@pytest.fixture
+def recorded_stats(monkeypatch):
+    """SpeculationStats of every speculative_loop that generate() runs."""
+    stats = []
+
+    def recording_loop(*args, **kwargs):
+        sequences, s = real_loop(*args, **kwargs)
+        stats.append(s)
+        return sequences, s
+
+    real_loop = speculative.speculative_loop
+    monkeypatch.setattr(speculative, "speculative_loop", recording_loop)
+    return stats
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_speculation_is_plain_greedy_with_padding_and_eos(name, recorded_stats):
+    model = MODELS[name]()
+    ids, mask, _ = left_padded_batch([9, 6, 3], 9, seed=7)
+    args = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        # EOS: a token sequence 0 generates early, so that sequences finish at different steps.
+        eos = int(model.generate(ids, **args)[0, 9 + 4])
+        plain = model.generate(ids, eos_token_id=eos, **args)
+        for n in (1, 3, 8):
+            spec = model.generate(
+                ids, eos_token_id=eos, assistant_early_exit=1, num_assistant_tokens=n, **args
+            )
+            assert torch.equal(spec, plain), n
+            # One sequence alone: no batch minimum, longer accepted runs.
+            alone = model.generate(
+                ids[1:2, 3:],
+                eos_token_id=eos,
+                assistant_early_exit=1,
+                num_assistant_tokens=n,
+                **{**args, "attention_mask": mask[1:2, 3:]},
+            )
+            assert torch.equal(
+                alone,
+                model.generate(ids[1:2, 3:], eos_token_id=eos, **{**args, "attention_mask": mask[1:2, 3:]}),
+            )
+    # Sequence 0 finished while others went on (padding after its EOS).
+    assert plain.shape[1] > 9 + plain[0, 9:].tolist().index(eos) + 1
+    assert len(recorded_stats) == 6
+    # Both branches ran: drafts the full model agreed with, and drafts it corrected.
+    assert sum(s.agreed for s in recorded_stats) > 0
+    assert sum(s.drafted - s.agreed for s in recorded_stats) > 0
+    assert max(s.tokens_per_cycle for s in recorded_stats) > 1.5
