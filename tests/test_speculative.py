@@ -125,3 +125,74 @@ def test_greedy_speculation_is_plain_greedy_with_padding_and_eos(name, recorded_
     assert sum(s.agreed for s in recorded_stats) > 0
     assert sum(s.drafted - s.agreed for s in recorded_stats) > 0
     assert max(s.tokens_per_cycle for s in recorded_stats) > 1.5
+
+
+def chi_square_critical(df: int, z: float = 3.72) -> float:
+    """Upper critical value of chi-square with `df` degrees of freedom at the normal quantile `z`
+    (3.72: p = 1e-4), by the Wilson-Hilferty approximation."""
+    c = 2.0 / (9.0 * df)
+    return df * (1.0 - c + z * c**0.5) ** 3
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's statistic of `counts` against `probs` (cells of probability 0 must be empty)."""
+    expected = probs.double() * counts.sum()
+    assert counts[expected == 0].sum() == 0
+    used = expected > 0
+    return float(((counts[used] - expected[used]) ** 2 / expected[used]).sum())
+
+
+def test_acceptance_rule_samples_the_full_model_at_every_drafted_position():
+    torch.manual_seed(0)
+    rows, vocab = 40000, 5
+    p_NV = torch.tensor([[0.5, 0.2, 0.2, 0.1, 0.0], [0.05, 0.05, 0.1, 0.3, 0.5]])
+    q_NV = torch.tensor([[0.1, 0.1, 0.2, 0.3, 0.3], [0.4, 0.3, 0.1, 0.1, 0.1]])
+    drafts_BN = torch.multinomial(q_NV, rows, replacement=True).T  # [rows, 2], position j from q_j
+    agreed_B, tokens_BN = speculative.accept_sampled(
+        p_NV.log().expand(rows, -1, -1), q_NV.log().expand(rows, -1, -1), drafts_BN
+    )
+    first = torch.bincount(tokens_BN[:, 0], minlength=vocab)
+    # The second token is emitted only after the first draft was accepted.
+    second = torch.bincount(tokens_BN[agreed_B >= 1, 1], minlength=vocab)
+    critical = chi_square_critical(vocab - 1)
+    assert chi_square(first, p_NV[0]) < critical
+    assert chi_square(second, p_NV[1]) < critical
+    # The test can fail: the drafts themselves (q) are far from p.
+    assert chi_square(torch.bincount(drafts_BN[:, 0], minlength=vocab), p_NV[0] + 1e-3) > 100 * critical
+    # Acceptance probability sum_x min(p, q) per position.
+    accept_rate = torch.minimum(p_NV[0], q_NV[0]).sum().item()
+    torch.testing.assert_close((agreed_B >= 1).double().mean().item(), accept_rate, atol=0.02, rtol=0)
+
+
+def test_sampled_speculation_has_the_distribution_of_plain_sampling(recorded_stats):
+    vocab, samples, temperature = 8, 6000, 0.7
+    model = random_halting_model(seed=11, vocab_size=vocab).eval()
+    model.config.halt_threshold = 0.2
+    model.generation_config.eos_token_id = (
+        None  # no EOS: two tokens in every sample  # most tokens go on after pass 1: drafts are often wrong
+    )
+    with torch.no_grad():
+        model.embed_out.weight.mul_(3.0)  # peaked distributions, pass 1 and the full model disagreeing
+        prompt = torch.tensor([[3, 1, 4, 1, 5]])
+        # Exact joint distribution of the first two sampled tokens: p(t1) p(t2 | t1).
+        p1_V = (model(prompt).logits[0, -1] / temperature).softmax(-1)
+        prompts = torch.cat([prompt.expand(vocab, -1), torch.arange(vocab)[:, None]], 1)
+        p2_VV = (model(prompts).logits[:, -1] / temperature).softmax(-1)
+        joint = (p1_V[:, None] * p2_VV).flatten()
+        # The draft's distribution of t2 (pass 1 only) differs: the test could tell them apart.
+        q2_VV = (model(prompts, max_passes=1).logits[:, -1] / temperature).softmax(-1)
+        assert ((p2_VV - q2_VV).abs().sum(-1) / 2 * p1_V).sum() > 0.1
+        torch.manual_seed(0)
+        out = model.generate(
+            prompt.expand(samples, -1),
+            do_sample=True,
+            temperature=temperature,
+            top_k=None,
+            max_new_tokens=2,
+            pad_token_id=0,
+            assistant_early_exit=1,
+            num_assistant_tokens=2,
+        )
+    counts = torch.bincount(out[:, 5] * vocab + out[:, 6], minlength=vocab * vocab)
+    assert chi_square(counts, joint) < chi_square_critical(int((joint > 0).sum()) - 1)
+    assert recorded_stats[0].drafted > recorded_stats[0].agreed > 0
