@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from test_inference import left_padded_batch
+from test_inference import left_padded_batch, save_tiny_tokenizer
 from tiny_models import random_halting_model
 
+from launcher import generate as generate_cli
 from model import speculative
 from model.inference import AdaPonderCache
 
@@ -196,3 +197,17 @@ def test_sampled_speculation_has_the_distribution_of_plain_sampling(recorded_sta
     counts = torch.bincount(out[:, 5] * vocab + out[:, 6], minlength=vocab * vocab)
     assert chi_square(counts, joint) < chi_square_critical(int((joint > 0).sum()) - 1)
     assert recorded_stats[0].drafted > recorded_stats[0].agreed > 0
+
+
+def test_generate_command_speculative_prints_what_plain_decoding_prints(tmp_path, capsys):
+    model = random_halting_model(seed=16).eval()
+    model.config.halt_threshold = 0.3  # tokens go on after pass 1: drafts get rejected
+    model.save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path)
+    argv = ["--model", str(tmp_path), "--prompt", "w1 w2 w3", "--prompt", "w4", "--max-new-tokens", "12"]
+    assert generate_cli.main(argv) == 0
+    plain = capsys.readouterr().out
+    assert generate_cli.main(argv + ["--speculative", "3"]) == 0
+    assert capsys.readouterr().out == plain  # tokens and the passes each took
+    with pytest.raises(SystemExit):
+        generate_cli.main(argv + ["--speculative", "-1"])
