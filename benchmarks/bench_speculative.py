@@ -1,9 +1,9 @@
 """Self-speculative decoding from pass 1 against plain cached decoding, tokens per second (CPU, fp32).
 
-Batch 1, greedy, `--new-tokens` per prompt, no EOS. For every model: plain `generate()` and
-`generate(assistant_early_exit=1, num_assistant_tokens=n)` for n = 1..8, interleaved rep by rep
-(medians), with the acceptance rate (drafts the full model agreed with), tokens per verify cycle and
-a check that the tokens are identical to plain decoding.
+Batch 1 (or `--batch-size` prompts per generate() call), greedy, `--new-tokens` per prompt, no EOS.
+For every model: plain `generate()` and `generate(assistant_early_exit=1, num_assistant_tokens=n)`
+for n = 1..8, interleaved rep by rep (medians), with the acceptance rate (drafts the full model
+agreed with), tokens per verify cycle and a check that the tokens are identical to plain decoding.
 
 Models (a random one says nothing about acceptance):
   - tiny-trained: K = 4, D = 64, 2 layers, byte-level vocabulary, trained here for `--train-steps`
@@ -12,6 +12,7 @@ Models (a random one says nothing about acceptance):
     (`adaponder-quickstart`, then `adaponder-export runs/quickstart DIR`).
 
     python benchmarks/bench_speculative.py --model /tmp/quickstart_hf
+    python benchmarks/bench_speculative.py --model /tmp/quickstart_hf --batch-size 4
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ def prompts_for(tokenizer, count: int, length: int) -> list[torch.Tensor]:
     return prompts
 
 
+def batched(prompts: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """Groups of `size` equal-length prompts, one [size, T] tensor each."""
+    return [torch.cat(prompts[i : i + size]) for i in range(0, len(prompts), size)]
+
+
 def timed_generation(model, prompts, gen, extra) -> float:
     start = time.perf_counter()
     for p in prompts:
@@ -119,7 +125,7 @@ def bench_model(name: str, model: AdaPonderForCausalLM, prompts: list[torch.Tens
         for _ in range(args.reps):
             for label, extra in configs.items():
                 times[label].append(timed_generation(model, prompts, gen, extra))
-    tokens = args.new_tokens * len(prompts)
+    tokens = args.new_tokens * sum(p.shape[0] for p in prompts)
     plain = statistics.median(times["plain"])
     passes = float(torch.cat([_passes(model, p, r) for p, r in zip(prompts, reference)]).float().mean())
     print(
@@ -158,7 +164,7 @@ def _speculate(model, ids, n, new_tokens):
 def _passes(model, prompt, sequence):
     """Passes the full model runs for the positions that chose the generated tokens."""
     out = model(sequence[:, :-1])
-    return out.passes[0, prompt.shape[1] - 1 :]
+    return out.passes[:, prompt.shape[1] - 1 :].flatten()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,15 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, fp32")
     for path in args.model:
         model = AdaPonderForCausalLM.from_pretrained(path).float().eval()
         prompts = prompts_for(AutoTokenizer.from_pretrained(path), args.prompts, args.prompt_tokens)
-        bench_model(Path(path).name, model, prompts, args)
+        bench_model(Path(path).name, model, batched(prompts, args.batch_size), args)
     model = train_tiny(args.train_steps)
-    bench_model("tiny-trained", model, prompts_for(None, args.prompts, args.prompt_tokens), args)
+    prompts = prompts_for(None, args.prompts, args.prompt_tokens)
+    bench_model("tiny-trained", model, batched(prompts, args.batch_size), args)
     return 0
 
 

@@ -38,8 +38,9 @@ from model.inference import AdaPonderCache
 
 @dataclass
 class SpeculationStats:
-    """Counts over unfinished sequences: tokens drafted, drafts the full model agreed with, tokens
-    emitted by the cycles (accepted drafts plus corrections, after the batch minimum) and cycles."""
+    """Tokens drafted and drafts the full model agreed with (summed over unfinished sequences),
+    tokens each sequence emitted in the cycles (the kept prefix after the batch minimum; the token
+    after the prefill not counted) and cycles."""
 
     drafted: int = 0
     agreed: int = 0
@@ -205,7 +206,7 @@ def _cycle(
     stats.cycles += 1
     stats.drafted += n * count
     stats.agreed += int(agreed_B[unfinished_B].sum())
-    stats.emitted += keep * count
+    stats.emitted += keep
     return tokens_BN, keep
 
 
