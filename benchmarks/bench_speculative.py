@@ -129,7 +129,8 @@ def bench_model(name: str, model: AdaPonderForCausalLM, prompts: list[torch.Tens
     plain = statistics.median(times["plain"])
     passes = float(torch.cat([_passes(model, p, r) for p, r in zip(prompts, reference)]).float().mean())
     print(
-        f"\n{name}: batch 1, {len(prompts)} prompts x {args.new_tokens} new tokens, greedy; "
+        f"\n{name}: batch {prompts[0].shape[0]}, {sum(p.shape[0] for p in prompts)} prompts x "
+        f"{args.new_tokens} new tokens, greedy; "
         f"mean passes of the generated tokens {passes:.2f} of {model.config.num_passes}"
     )
     print(
