@@ -11,8 +11,10 @@ A pondering model carries its own draft model: its first pass. One cycle:
   3. Accept the longest prefix the full model agrees with, plus the full model's own token at the
      first disagreement, and crop the cache back to the accepted positions.
 
-Greedy: the full model's argmax tokens, identical to plain greedy decoding (same K/V, same halting;
-only the batching of the verify matmuls differs, so logits agree to float rounding, not bitwise).
+Greedy: the full model's argmax tokens, as plain greedy decoding: the same computation, except that
+the verify batches n positions where plain decoding runs one, so logits and gate values agree to
+float rounding rather than bitwise; only an argmax near-tie or a gate value within rounding of tau
+could tell them apart (never seen in the tests or the benchmark, which compare token for token).
 Sampling: the speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023): accept draft x
 with probability min(1, p(x) / q(x)), else resample from norm(max(0, p - q)); every emitted token is
 distributed as plain sampling's, after the same logits processors (temperature, top-k/p, ...).
