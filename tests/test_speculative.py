@@ -212,3 +212,18 @@ def test_generate_command_speculative_prints_what_plain_decoding_prints(tmp_path
     assert capsys.readouterr().out == plain  # tokens and the passes each took
     with pytest.raises(SystemExit):
         generate_cli.main(argv + ["--speculative", "-1"])
+
+
+def test_unsupported_assisted_generation_settings_are_refused():
+    model = random_halting_model(seed=3).eval()
+    ids = torch.ones(1, 3, dtype=torch.long)
+    args = dict(max_new_tokens=4, pad_token_id=0, assistant_early_exit=1)
+    cases = [
+        ({"assistant_early_exit": 2}, "assistant_early_exit must be 1"),
+        ({"num_assistant_tokens_schedule": "heuristic"}, "constant"),
+        ({"return_dict_in_generate": True}, "return_dict_in_generate"),
+        ({"exit_passes": torch.ones(1, 3, dtype=torch.long)}, "exit_passes"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model.generate(ids, **{**args, **extra})
