@@ -8,6 +8,9 @@ coloured by its passes; otherwise each token is followed by its count, as `token
 
     adaponder-generate --model runs/70m/hf --prompt "The capital of France is" --max-new-tokens 20
     echo "Once upon a time" | adaponder-generate --model DIR --temperature 0.8 --top-p 0.95 --seed 1
+
+`--speculative N`: self-speculative decoding (model/speculative.py), pass 1 drafting N tokens that the
+remaining passes verify; the same tokens as without it when greedy, the same distribution when sampling.
 """
 
 from __future__ import annotations
@@ -47,13 +50,17 @@ def generate(
     prompts: list[str],
     max_new_tokens: int,
     sampling: dict[str, float] | None,
+    speculative: int = 0,
 ) -> list[tuple[list[int], list[int]]]:
-    """Per prompt, the generated token ids (up to and excluding EOS) and the passes of each."""
+    """Per prompt, the generated token ids (up to and excluding EOS) and the passes of each;
+    `speculative` > 0 drafts that many tokens per step with pass 1."""
     tokenizer.padding_side = "left"  # generate() continues from the last column
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     cache = AdaPonderCache(model.config)
+    # transformers' early-exit assisted decoding arguments, routed to model/speculative.py.
+    assisted = {"assistant_early_exit": 1, "num_assistant_tokens": speculative} if speculative else {}
     sequences = model.generate(
         **batch,
         cache=cache,
@@ -62,6 +69,7 @@ def generate(
         **(sampling or {}),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **assisted,
     )
     prompt_len = batch["input_ids"].shape[1]
     # Generated token j sits at position prompt_len + j and was chosen by position prompt_len + j - 1.
@@ -98,6 +106,13 @@ def _parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Na
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
     parser.add_argument("--temperature", type=float, help="sample with this temperature")
     parser.add_argument("--top-p", type=float, help="sample from the nucleus of this probability mass")
+    parser.add_argument(
+        "--speculative",
+        type=int,
+        default=0,
+        metavar="N",
+        help="self-speculative decoding: pass 1 drafts N tokens per step, the other passes verify them",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser, parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -121,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     sampling = _sampling(parser, args)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.speculative < 0:
+        parser.error(f"--speculative must be >= 0, got {args.speculative}")
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         parser.error("no prompt: pass --prompt or write prompts to stdin, one per line")
@@ -128,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(args.model, args.device)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-        results = generate(model, tokenizer, prompts, args.max_new_tokens, sampling)
+        results = generate(model, tokenizer, prompts, args.max_new_tokens, sampling, args.speculative)
     except ValueError as e:
         parser.error(str(e))
     colour = sys.stdout.isatty()

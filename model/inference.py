@@ -39,9 +39,9 @@ class AdaPonderCache:
     context on every step, so the copying layout is the one offered.
     """
 
-    # Read by transformers' generate(): no static shapes, no compilation, no rollback.
+    # Read by transformers' generate(): no static shapes, no compilation; rollback through crop().
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
 
     in_place = True  # model.sparse.KVStore: passes write their K/V into their slots
 
@@ -135,6 +135,20 @@ class AdaPonderCache:
             passes_BC[:, :s] = self._passes_BC[:, :s]
         self._set(kv, real_BC, passes_BC)
 
+    def crop(self, max_length: int) -> None:
+        """Keep the first `max_length` positions (negative: drop that many from the end), as
+        transformers' `DynamicCache.crop`. The dropped positions are zeroed like never-written
+        capacity, so the cache equals one that never held them (speculative decoding's rollback)."""
+        keep = self.seq_length + max_length if max_length < 0 else max_length
+        if keep >= self.seq_length:
+            return
+        if keep < 0:
+            raise ValueError(f"cannot crop {self.seq_length} cached positions to {max_length}")
+        self._stored()[..., keep : self.seq_length, :] = 0
+        self._real_BC[:, keep : self.seq_length] = False
+        self._passes_BC[:, keep : self.seq_length] = 0
+        self.seq_length = keep
+
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Keep sequences `beam_idx` [B'] in that order (generate()'s beam search calls this)."""
         kv = self._stored()
@@ -156,6 +170,13 @@ class AdaPonderCache:
         self._real_BC[:, past : past + t] = real_BT
         self._chunk = (past, past + t)
         return past_real_B, self._real_BC[:, : past + t]
+
+    def reopen_chunk(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make the last `length` cached positions the current call's chunk again, to run more
+        passes for them (speculative verification after a pass-1 draft); returns as begin_chunk."""
+        past = self.seq_length - length
+        self._chunk = (past, self.seq_length)
+        return self.real[:, :past].sum(-1), self.real
 
     def end_chunk(self, active_KBT: torch.Tensor, real_BT: torch.Tensor) -> None:
         """Record the passes each new position ran; they become part of the cached context."""

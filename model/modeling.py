@@ -34,6 +34,7 @@ from model.config import AdaPonderConfig
 from model.hf_compat import config_from_checkpoint, load_checkpoint_state_dict, match_state_dict
 from model.inference import checked_cache, chunk_real
 from model.sparse import AlignedKV, PassLayout, packed_attention, ponder_packed
+from model.speculative import assisted_decoding
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -617,6 +618,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         exit_passes_BT: torch.Tensor | None,
         tau: float,
         num_run: int,
+        pass0_h_BTD: torch.Tensor | None = None,
     ):
         """model.sparse.ponder_packed on this call's tokens, after `real_BS.shape[1] - T` cached ones."""
         cfg = self.config
@@ -626,7 +628,19 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         uniform = torch.is_grad_enabled() or hasattr(self.embed_out.weight, "ds_id")
         past = real_BS.shape[1] - input_ids_BT.shape[1]
         return ponder_packed(
-            self, input_ids_BT, real_BT, cos, sin, kv, past, real_BS, tau, num_run, exit_passes_BT, uniform
+            self,
+            input_ids_BT,
+            real_BT,
+            cos,
+            sin,
+            kv,
+            past,
+            real_BS,
+            tau,
+            num_run,
+            exit_passes_BT,
+            uniform,
+            pass0_h_BTD,
         )
 
     def _compute_knob(self, halt_threshold: float | None, max_passes: int | None) -> tuple[float, int]:
@@ -666,6 +680,36 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
             # The last generated token is never fed back: max_length - 1 positions are cached.
             max_length = max(generation_config.max_length - 1, 1)
             model_kwargs["cache"] = checked_cache(model_kwargs.get("cache"), self.config, max_length)
+
+    def _assisted_decoding(
+        self,
+        input_ids: torch.Tensor,
+        logits_processor: Any,
+        stopping_criteria: Any,
+        generation_config: Any,
+        synced_gpus: bool = False,
+        streamer: Any = None,
+        inputs_tensor: torch.Tensor | None = None,
+        assistant_model: Any = None,
+        assistant_tokenizer: Any = None,
+        tokenizer: Any = None,
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
+        """generate()'s assisted decoding (transformers/generation/utils.py), reached with
+        `assistant_early_exit=1, num_assistant_tokens=n`: self-speculative decoding, pass 1
+        drafting n tokens and the remaining passes verifying them (model/speculative.py)."""
+        if synced_gpus:
+            raise ValueError("synced_gpus is not supported with assistant_early_exit")
+        return assisted_decoding(
+            self,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            streamer=streamer,
+            assistant_model=assistant_model,
+            **model_kwargs,
+        )
 
     def _check_exit_passes(self, exit_passes: torch.Tensor, input_ids: torch.Tensor) -> None:
         if not self.config.adaptive:

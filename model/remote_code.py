@@ -19,6 +19,7 @@ _MODULES = {
     "hf_compat": "hf_compat_adaponder",
     "inference": "inference_adaponder",
     "sparse": "sparse_adaponder",
+    "speculative": "speculative_adaponder",
 }
 AUTO_MAP = {
     "AutoConfig": "configuration_adaponder.AdaPonderConfig",

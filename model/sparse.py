@@ -257,6 +257,7 @@ def ponder_packed(
     num_run: int,
     exit_passes_BT: torch.Tensor | None = None,
     uniform_calls: bool = False,
+    pass0_h_BTD: torch.Tensor | None = None,
 ) -> PonderResult:
     """The pondering loop of SPEC.md section 1 on active tokens only.
 
@@ -264,6 +265,8 @@ def ponder_packed(
     `real_BS` flags the real positions of the store (the `past` cached ones, then the chunk's).
     Tokens halt when s^i < `tau` (or after `exit_passes_BT` passes: fixed pruning), and all stop
     after pass `num_run`. Without `uniform_calls` a pass with no active token is skipped.
+    With `pass0_h_BTD` pass 0 already ran for this chunk (a self-speculative draft: its K/V are in
+    the store, carried into every pass) and these are its outputs h^0: the loop goes on from them.
     """
     cfg = model.config
     b, t = input_ids_BT.shape
@@ -296,7 +299,11 @@ def ponder_packed(
         else:
             lay = packed_layout(flat_n, b, t, past, kv.in_place, cos_XR, sin_XR, real_BS)
             active_KX[i, flat_n] = True
-        h_nD = _run_pass(model, e_nD, kv, i, lay)
+        if i == 0 and pass0_h_BTD is not None:
+            h_nD = pass0_h_BTD.reshape(b * t, -1)
+            h_nD = h_nD if flat_n is None else h_nD[flat_n]
+        else:
+            h_nD = _run_pass(model, e_nD, kv, i, lay)
         # Overwritten each pass: ends as the last active pass's output.
         h_out_XD = h_nD if flat_n is None else h_out_XD.index_put((flat_n,), h_nD)
         if i < num_run - 1:
