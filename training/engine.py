@@ -19,12 +19,14 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
@@ -186,11 +188,62 @@ def full_shape(param: nn.Parameter) -> torch.Size:
     return getattr(param, "ds_shape", param.shape)
 
 
+def _checkpoint_globals() -> list[Any]:
+    """The only non-tensor types DeepSpeed's checkpoint files hold (fp32/bf16, ZeRO 1-3): the loss
+    scaler and stage enum of the optimizer state, and numpy arrays (NumPy's RNG state)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    try:
+        from numpy._core.multiarray import _reconstruct  # NumPy 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+
+    numeric = [np.dtype(t) for t in (np.uint8, np.int32, np.uint32, np.int64, np.float32, np.float64)]
+    return [
+        np.ndarray,
+        np.dtype,
+        *(type(d) for d in numeric),
+        _reconstruct,
+        LossScaler,
+        DynamicLossScaler,
+        ZeroStageEnum,
+    ]
+
+
+def check_safe_to_load(path: Path) -> None:
+    """Refuse a `.pt` file that holds anything but tensors, plain containers and `_checkpoint_globals`.
+
+    DeepSpeed loads its files with full unpickling, which runs whatever code a file carries; every
+    file goes through PyTorch's weights-only unpickler first (which only ever builds allowlisted
+    types), with the tensor data memory-mapped rather than read.
+    """
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
+        raise ValueError(
+            f"{path}: refused to load: it holds pickled objects other than the tensors and types DeepSpeed "
+            f"writes, and loading it could run code from it ({reason})"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})") from None
+
+
+def check_checkpoint_files(checkpoint_dir: str | Path, tag: str) -> None:
+    """`check_safe_to_load` for every `.pt` file of checkpoint `tag`."""
+    for path in sorted((Path(checkpoint_dir) / tag).glob("*.pt")):
+        check_safe_to_load(path)
+
+
 def consolidated_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
     """The full fp32 weights of checkpoint `tag`, rebuilt from its optimizer shards (any stage).
 
-    The tag is always passed explicitly: without it DeepSpeed reads `latest` (#8499).
+    The tag is always passed explicitly: without it DeepSpeed reads `latest` (#8499). Every file
+    passes `check_safe_to_load` before DeepSpeed unpickles it.
     """
+    check_checkpoint_files(checkpoint_dir, tag)
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     return {name: tensor.contiguous() for name, tensor in state.items()}
 
@@ -251,6 +304,7 @@ class Engine:
 
     def load(self, checkpoint_dir: Path, tag: str) -> dict[str, Any]:
         """Full state (module, optimizer) of `tag` on the same number of ranks; returns client state."""
+        check_checkpoint_files(checkpoint_dir, tag)
         path, client_state = self._ds.load_checkpoint(
             str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
         )

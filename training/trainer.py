@@ -37,6 +37,7 @@ from training import engine as ds
 from training.config import BatchPlan, RunConfig, config_to_dict, dump_config
 from training.metrics import EvalMeter, MetricsWriter, TrainMeter, wandb_resume_environment
 from training.optim import param_groups, set_backbone_trainable, set_learning_rates
+from training.rundir import RunLock, write_durable
 from training.schedule import Schedules, StepSettings
 
 CLIENT_STATE_SCHEMA = 1
@@ -72,8 +73,7 @@ class Trainer:
         self.state = TrainState()
         self.model_config = cfg.model_config()
         self._seed_everything()
-        self._write_resolved_config()
-
+        self._lock = self._lock_run_dir()
         resume_tag, resume_state = self._find_resume_point()
         self.datasets = self._build_datasets()
         model = ds.build_model(lambda: AdaPonderForCausalLM(self.model_config), ds_config)
@@ -102,6 +102,7 @@ class Trainer:
         )
         if client is not None:
             self.sampler.load_state_dict(client["sampler"], allow_data_change=cfg.data.allow_data_change)
+        self._write_resolved_config()  # only once the resume is accepted: it describes the checkpoints
         self.schedules = Schedules(cfg, plan)
         mc = self.model_config
         num_gates = mc.num_passes - 1 if mc.adaptive else 0
@@ -129,18 +130,30 @@ class Trainer:
         np.random.seed(self.cfg.seed)
         torch.manual_seed(self.cfg.seed)
 
+    def _lock_run_dir(self) -> RunLock | None:
+        """Rank 0 holds the run directory's lock; a second launch stops on every rank."""
+        lock, error = None, None
+        if dist.is_main_process():
+            try:
+                lock = RunLock(self.run_dir)
+            except ValueError as e:
+                error = str(e)
+        error = dist.broadcast_object(error)
+        if error:
+            raise ValueError(error)
+        return lock
+
     def _write_resolved_config(self) -> None:
         if dist.is_main_process():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            write_durable(self.run_dir / "config.yaml", dump_config(self.cfg))
 
     def _find_resume_point(self) -> tuple[str | None, dict[str, Any] | None]:
-        """The run's own latest complete checkpoint, checked against this run's model."""
-        checkpoint.remove_incomplete(self.checkpoint_dir)
-        dist.barrier()
-        tag = checkpoint.latest_tag(self.checkpoint_dir)
-        if tag is None:
+        """The run's newest complete checkpoint (`checkpoint.choose_checkpoint`), checked against this
+        run's model; nothing on disk changes before the checks pass."""
+        choice = checkpoint.choose_checkpoint(self.checkpoint_dir)
+        if choice.tag is None:
             return None, None
+        tag = choice.tag
         state = checkpoint.read_train_state(self.checkpoint_dir, tag)
         if state.get("schema") != CLIENT_STATE_SCHEMA:
             raise ValueError(f"{self.checkpoint_dir / tag}: unknown checkpoint schema {state.get('schema')}")
@@ -152,6 +165,10 @@ class Trainer:
                 f"{self.checkpoint_dir / tag}: the model config differs from the checkpoint's ({details}); "
                 "use a new run_dir to train a different model"
             )
+        for message in choice.messages:
+            dist.print0(f"WARNING: {message}")
+        checkpoint.apply_choice(self.checkpoint_dir, choice)
+        dist.barrier()
         return tag, state
 
     def _build_datasets(self) -> dict[str, Any]:
