@@ -222,7 +222,7 @@ def check_safe_to_load(path: Path) -> None:
         with torch.serialization.safe_globals(_checkpoint_globals()):
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split(". ")[0]
         raise ValueError(
             f"{path}: refused to load: it holds pickled objects other than the tensors and types DeepSpeed "
             f"writes, and loading it could run code from it ({reason})"
