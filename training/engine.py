@@ -12,6 +12,10 @@ writes them into the model before the engine (and its fp32 master copy) exists; 
 starts fresh. (DeepSpeed's universal checkpoint would carry the Adam moments across; converting and
 loading it ran on CPU, but the first step after it did not match an uninterrupted run's update, so it
 is not used.)
+
+DeepSpeed unpickles its checkpoint files fully; every `.pt` file is first opened with PyTorch's
+weights-only unpickler and an allowlist of the types DeepSpeed writes (`check_safe_to_load`), so a
+file carrying anything else is refused before DeepSpeed runs code from it.
 """
 
 from __future__ import annotations
