@@ -8,10 +8,11 @@ Checkpoint loading avoids the ZeRO-3 weights-only trap (infra-notes 3.3, deepspe
 it never loads weights alone through the engine. Resuming on the same number of ranks loads the full
 state (module + optimizer) by explicit tag; on another number of ranks (where ZeRO shards do not fit)
 rank 0 rebuilds the fp32 weights from the checkpoint's optimizer shards *with the tag passed* and
-writes them into the model before the engine (and its fp32 master copy) exists; the optimizer then
-starts fresh. (DeepSpeed's universal checkpoint would carry the Adam moments across; converting and
-loading it ran on CPU, but the first step after it did not match an uninterrupted run's update, so it
-is not used.)
+writes them into the model before the engine (and its fp32 master copy) exists; once the engine
+exists, the Adam moments, rebuilt the same way (`consolidated_optimizer_state`, ZeRO-3), are written
+into its partitions with DeepSpeed's `safe_set_full_optimizer_state`, with the step counts.
+(DeepSpeed's universal checkpoint would do this too; converting and loading it ran on CPU, but the
+first step after it did not match an uninterrupted run's update, so it is not used.)
 
 DeepSpeed unpickles its checkpoint files fully; every `.pt` file is first opened with PyTorch's
 weights-only unpickler and an allowlist of the types DeepSpeed writes (`check_safe_to_load`), so a
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import safe_set_full_optimizer_state
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch import nn
 
@@ -252,6 +254,41 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, t
     return {name: tensor.contiguous() for name, tensor in state.items()}
 
 
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def consolidated_optimizer_state(checkpoint_dir: str | Path, tag: str) -> tuple[dict[str, dict], float]:
+    """The full Adam moments of every parameter of ZeRO-3 checkpoint `tag` (name -> {exp_avg,
+    exp_avg_sq}, fp32) and its Adam step count, for any number of ranks to load.
+
+    The moments are partitioned exactly like the fp32 master weights, so DeepSpeed's own
+    reassembly of those (zero_to_fp32) is applied to them. The optimizer files are read with the
+    weights-only unpickler only.
+    """
+    from deepspeed.utils import zero_to_fp32
+
+    path = Path(checkpoint_dir) / tag
+    check_checkpoint_files(checkpoint_dir, tag)
+    model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(path)))
+    shards = []
+    for file in zero_to_fp32.get_optim_files(str(path)):
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["optimizer_state_dict"]
+        if int(state["zero_stage"]) != 3:
+            raise ValueError(f"{file}: Adam moments carry across rank counts from ZeRO-3 checkpoints only")
+        shards.append(state["optimizer_state_dict"]["state"])  # sub-group index -> step, exp_avg, ...
+    moments: dict[str, dict] = {}
+    for key in ADAM_MOMENTS:
+        merged: dict[str, Any] = {}
+        flat = [[state[i][key] for i in sorted(state)] for state in shards]
+        zero_to_fp32._zero3_merge_trainable_params(merged, len(shards), flat, model_states)
+        for name, tensor in merged.items():
+            moments.setdefault(name, {})[key] = tensor.contiguous()
+    steps = {float(sub["step"]) for state in shards for sub in state.values()}
+    assert len(steps) == 1, f"{path}: Adam step counts differ between sub-groups: {steps}"
+    return moments, steps.pop()
+
+
 class Engine:
     """A DeepSpeed engine behind the few calls the trainer makes."""
 
@@ -301,6 +338,38 @@ class Engine:
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self._ds.module.parameters()
+
+    def set_optimizer_state(
+        self, moments: dict[str, dict] | None, adam_step: float | None, step: int, samples: int
+    ) -> None:
+        """Every rank: write rank 0's full Adam moments (`consolidated_optimizer_state`; None on other
+        ranks) into this engine's ZeRO-3 partitions, and the step counts (Adam's, for its bias
+        correction, and the engine's)."""
+        box = [adam_step]
+        if dist.is_initialized():
+            dist.broadcast_object_list(box, src=0)
+        self._create_optimizer_state(box[0])
+        for name, param in self._ds.module.named_parameters():
+            for key in ADAM_MOMENTS:
+                value = moments[name][key] if moments is not None else torch.empty(full_shape(param))
+                value = value.to(device(), torch.float32)
+                if dist.is_initialized():
+                    dist.broadcast(value, src=0)
+                safe_set_full_optimizer_state(param, value.view(full_shape(param)), key)
+        self._ds.global_steps, self._ds.global_samples = step, samples
+
+    def _create_optimizer_state(self, adam_step: float) -> None:
+        """Adam creates its state at its first step; create it now, at `adam_step`, zero moments."""
+        zero3 = self._ds.optimizer
+        optimizer = zero3.optimizer  # torch AdamW (CPU), FusedAdam or DeepSpeedCPUAdam
+        # torch's Adam keeps the step as a float32 tensor, DeepSpeed's Adams as an int.
+        is_torch = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+        for flat in zero3.fp32_partitioned_groups_flat:  # one fp32 partition per ZeRO-3 sub-group
+            optimizer.state[flat].update(
+                step=torch.tensor(adam_step, dtype=torch.float32) if is_torch else int(adam_step),
+                exp_avg=torch.zeros_like(flat),
+                exp_avg_sq=torch.zeros_like(flat),
+            )
 
     def save(self, checkpoint_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
         """Every rank writes its shards; `latest` is ours to write (training.checkpoint)."""

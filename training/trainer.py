@@ -66,7 +66,7 @@ class Trainer:
     """Builds data, model and engine for one run (resuming when the run holds a checkpoint) and trains."""
 
     def __init__(self, cfg: RunConfig, plan: BatchPlan, ds_config: dict[str, Any]):
-        self.cfg, self.plan = cfg, plan
+        self.cfg, self.plan, self.ds_config = cfg, plan, ds_config
         self.run_dir = Path(cfg.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.device = ds.device()
@@ -90,6 +90,7 @@ class Trainer:
         if resume_state is not None:
             client = self.engine.load(self.checkpoint_dir, resume_tag) if same_world else resume_state
             self._restore(client, restore_rng=same_world)
+        self.moments_restored = same_world or (resume_state is not None and self._restore_moments(resume_tag))
 
         self.sampler = PretrainingSampler(
             num_samples=plan.train_steps * plan.global_batch_size,
@@ -214,6 +215,16 @@ class Trainer:
         ds.write_weights(model, state)
         return dist.broadcast_object(provenance)
 
+    def _restore_moments(self, tag: str) -> bool:
+        """Another number of ranks: carry the Adam moments and step count over (ZeRO-3 only)."""
+        if ds.zero_stage(self.ds_config) != 3:
+            return False
+        moments, adam_step = (None, None)
+        if dist.is_main_process():
+            moments, adam_step = ds.consolidated_optimizer_state(self.checkpoint_dir, tag)
+        self.engine.set_optimizer_state(moments, adam_step, self.state.step, self.state.consumed_samples)
+        return True
+
     def _restore(self, client: dict[str, Any], restore_rng: bool) -> None:
         self.state = TrainState(
             step=int(client["step"]),
@@ -239,7 +250,13 @@ class Trainer:
             f"initial weights: {self.provenance}",
         ]
         if resume_tag is not None:
-            how = "full state" if same_world else "weights only (rank count changed; optimizer moments reset)"
+            how = "full state"
+            if not same_world:
+                how = "rank count changed: " + (
+                    "weights, Adam moments and step counts"
+                    if self.moments_restored
+                    else "weights only, optimizer reset (moments carry over under ZeRO-3 only)"
+                )
             lines.append(
                 f"resumed from {self.checkpoint_dir / resume_tag} ({how}) at step {self.state.step}, "
                 f"consumed samples {self.state.consumed_samples:,}"
