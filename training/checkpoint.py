@@ -221,10 +221,9 @@ def choose_checkpoint(checkpoint_dir: Path) -> Choice:
         )
     newer = newest_first[: newest_first.index(path)]
     if newer or latest != path.name:
-        messages.append(
-            f"resuming from {path}, the newest complete checkpoint"
-            + (f" (moving aside, not deleting: {', '.join(p.name for p in newer)})" if newer else "")
-        )
+        which = "which `latest` names" if latest == path.name else "the newest complete checkpoint"
+        aside = f" (moving aside, not deleting: {', '.join(p.name for p in newer)})" if newer else ""
+        messages.append(f"resuming from {path}, {which}{aside}")
     return Choice(path.name, messages, newer, rewrite_latest=latest != path.name)
 
 

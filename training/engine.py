@@ -355,8 +355,21 @@ class Engine:
                 value = value.to(device(), torch.float32)
                 if dist.is_initialized():
                     dist.broadcast(value, src=0)
-                safe_set_full_optimizer_state(param, value.view(full_shape(param)), key)
+                self._set_full_moment(param, value.view(full_shape(param)), key)
         self._ds.global_steps, self._ds.global_samples = step, samples
+
+    def _set_full_moment(self, param: nn.Parameter, value: torch.Tensor, key: str) -> None:
+        """`safe_set_full_optimizer_state`, also where this rank's partition is padded past the
+        parameter's end (deepspeed 0.19.8 narrows past the end there: a 1-element bias on 2 ranks)."""
+        zero3 = self._ds.optimizer
+        partition, _ = zero3._get_fp32_opt_state_partition(param, False, optim_state_key=key)
+        start = partition.numel() * zero3._get_param_partition_rank(param)
+        if start + partition.numel() <= value.numel():
+            safe_set_full_optimizer_state(param, value, key)
+            return
+        piece = value.flatten()[start:]
+        partition.data.zero_()
+        partition.data[: piece.numel()].copy_(piece)
 
     def _create_optimizer_state(self, adam_step: float) -> None:
         """Adam creates its state at its first step; create it now, at `adam_step`, zero moments."""
