@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import re
 import signal
 import sys
 import time
@@ -32,6 +33,12 @@ _CHUNK_DOCS = 256
 _CHUNK_CHARS = 1 << 20
 # Chunks in flight per worker; bounds memory when reading runs ahead of tokenizing.
 _IN_FLIGHT_PER_WORKER = 4
+# Longer documents are tokenized in pieces of about this many characters (see encode_document).
+_PIECE_CHARS = 1 << 20
+_SEAM_CHARS = 512  # context either side of a cut checked for equal ids
+_SEARCH_CHARS = 1 << 16  # how far past a piece's nominal end a cut is looked for
+_MAX_SEAM_TRIES = 64
+_WHITESPACE = re.compile(r"\s")
 
 
 @dataclass
@@ -55,19 +62,47 @@ class _Encoder:
         self.dtype = np.dtype(dtype)
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-        ids: list[int] = []
-        lengths: list[int] = []
+        docs = []
         for text in texts:
-            # One encode() per text: encode_batch would use the Rust thread pool and make --workers
+            doc = self.encode_document(text)
+            if len(doc):
+                docs.append(doc)
+        ids = np.concatenate(docs) if docs else np.zeros(0, self.dtype)
+        lengths = np.array([len(doc) for doc in docs], dtype=np.int64)
+        return ids, lengths, len(texts) - len(docs)
+
+    def encode_document(self, text: str) -> np.ndarray:
+        """One document's ids (the end-of-document token appended), tokenized in pieces of about
+        `_PIECE_CHARS` characters: the tokenizer holds ~150 bytes per character of what it encodes
+        at once, so a 100 MB document in one call would need ~15 GB."""
+        pieces = []
+        start = 0
+        while start < len(text):
+            end = self._piece_end(text, start)
+            # One encode() per piece: encode_batch would use the Rust thread pool and make --workers
             # meaningless.
-            doc = self.tokenizer.encode(text) if text else []
-            if not doc:
-                continue
-            if self.eod is not None:
-                doc.append(self.eod)
-            ids.extend(doc)
-            lengths.append(len(doc))
-        return np.array(ids, dtype=self.dtype), np.array(lengths, dtype=np.int64), len(texts) - len(lengths)
+            pieces.append(np.array(self.tokenizer.encode(text[start:end]), dtype=self.dtype))
+            start = end
+        if pieces and self.eod is not None:
+            pieces.append(np.array([self.eod], dtype=self.dtype))
+        return np.concatenate(pieces) if pieces else np.zeros(0, self.dtype)
+
+    def _piece_end(self, text: str, start: int) -> int:
+        """Where the piece starting at `start` ends: after a whitespace character at which encoding the
+        two sides separately gives the same ids as encoding across (checked on `_SEAM_CHARS` either
+        side), so the pieces' ids are the whole document's; the document's end if none is found."""
+        target = start + _PIECE_CHARS
+        if target >= len(text):
+            return len(text)
+        for i, match in enumerate(_WHITESPACE.finditer(text, target, target + _SEARCH_CHARS)):
+            if i == _MAX_SEAM_TRIES:
+                break
+            cut = match.end()
+            left, right = text[cut - _SEAM_CHARS : cut], text[cut : cut + _SEAM_CHARS]
+            encode = self.tokenizer.encode
+            if encode(left) + encode(right) == encode(left + right):
+                return cut
+        return len(text)
 
 
 _worker_encoder: _Encoder | None = None

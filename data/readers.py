@@ -11,6 +11,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator
 
 import pyarrow.parquet as pq
@@ -74,8 +75,8 @@ def _field(row: dict, text_field: str, where: str) -> str:
 
 def _iter_jsonl(path: str, text_field: str) -> Iterator[str]:
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with opener(path, "rb") as f:
+        for lineno, line in _numbered_lines(f, path):
             if not line.strip():
                 continue
             try:
@@ -85,6 +86,21 @@ def _iter_jsonl(path: str, text_field: str) -> Iterator[str]:
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
             yield _field(row, text_field, f"{path}:{lineno}")
+
+
+def _numbered_lines(f: Iterator[bytes], path: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a binary stream, decoded; decoding and decompression errors name the
+    file (and the line)."""
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e})") from e
+            yield lineno, line
+    except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: corrupt or truncated after line {lineno} ({e})") from e
 
 
 def _iter_text(path: str, text_mode: str) -> Iterator[str]:

@@ -58,6 +58,9 @@ def generate(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    empty = [i + 1 for i, n in enumerate(batch["attention_mask"].sum(dim=1).tolist()) if n == 0]
+    if empty:
+        raise ValueError(f"prompt(s) {empty} give no tokens: a prompt needs at least one token to continue")
     cache = AdaPonderCache(model.config)
     # transformers' early-exit assisted decoding arguments, routed to model/speculative.py.
     assisted = {"assistant_early_exit": 1, "num_assistant_tokens": speculative} if speculative else {}
@@ -141,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         parser.error("no prompt: pass --prompt or write prompts to stdin, one per line")
+    empty = [i for i, prompt in enumerate(prompts, 1) if not prompt]
+    if empty:
+        parser.error(f"--prompt number {empty} is empty: a prompt needs at least one token to continue")
     torch.manual_seed(args.seed)
     try:
         model = load_model(args.model, args.device)

@@ -23,7 +23,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from training.checkpoint import latest_tag, tag_for
-from training.engine import consolidated_state_dict
+from training.engine import consolidated_optimizer_state, consolidated_state_dict
 from training.metrics import EVAL_SCALARS, TRAIN_SCALARS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,22 +267,49 @@ def test_sigkill_between_checkpoints_resumes_from_the_last_complete_one(tmp_path
     assert_same_weights(weights(run, STEPS), weights(reference, STEPS))
 
 
-def test_resume_on_another_number_of_ranks_keeps_the_data_position(tmp_path, train_shards, reference):
-    config = make_config(tmp_path, train_shards, "one_rank")
-    run = run_dir(config)
+def copy_checkpoint(source: Path, step: int, run: Path) -> None:
+    """Start `run` with checkpoint `step` of `source` as its only one."""
     (run / "checkpoints").mkdir(parents=True)
-    shutil.copytree(reference / "checkpoints" / tag_for(4), run / "checkpoints" / tag_for(4))
-    (run / "checkpoints" / "latest").write_text(tag_for(4))
+    shutil.copytree(source / "checkpoints" / tag_for(step), run / "checkpoints" / tag_for(step))
+    (run / "checkpoints" / "latest").write_text(tag_for(step))
+
+
+def assert_same_moments(run: Path, other: Path, step: int, atol: float = 1e-7) -> None:
+    (moments, adam_step), (expected, expected_step) = (
+        consolidated_optimizer_state(r / "checkpoints", tag_for(step)) for r in (run, other)
+    )
+    assert adam_step == expected_step == step and moments.keys() == expected.keys()
+    for name in moments:
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(moments[name][key], expected[name][key], rtol=0, atol=atol, msg=name)
+
+
+def test_another_number_of_ranks_keeps_adam_moments_step_counts_and_data_position(
+    tmp_path, train_shards, reference
+):
+    # 2 ranks -> 1 from the reference's step 4, checkpoints at 6 and 8; then 1 -> 2 from step 6.
+    config = make_config(tmp_path, train_shards, "one_rank", checkpoint__interval=2)
+    one = run_dir(config)
+    copy_checkpoint(reference, 4, one)
     resumed = train(config, nproc=1)
-    assert "weights only (rank count changed" in resumed.stdout
+    assert "(rank count changed: weights, Adam moments and step counts) at step 4" in resumed.stdout
     assert "micro 4 x accumulation 2 x 1 ranks" in resumed.stdout
-    result = summary(run)
+    result = summary(one)
     assert (result["step"], result["consumed_samples"]) == (STEPS, STEPS * GLOBAL_BATCH)
-    # Step 5 sees the same weights and, if the position is kept, the same 8 samples (the optimizer
-    # state starts fresh, so later steps differ).
-    logged = scalars(run)["train/lm_loss"]
-    assert sorted(logged) == list(range(5, STEPS + 1))
-    assert logged[5] == pytest.approx(scalars(reference)["train/lm_loss"][5], rel=1e-6)
+    config = make_config(tmp_path, train_shards, "two_ranks_again")
+    two = run_dir(config)
+    copy_checkpoint(one, 6, two)
+    assert "(rank count changed: weights, Adam moments and step counts) at step 6" in train(config).stdout
+    # With the moments reset, Adam's first step would move every weight by ~lr and the losses would
+    # part after one step. fp32; 1 and 2 ranks sum the same 8 samples in different orders.
+    expected = scalars(reference)["train/lm_loss"]
+    for run, first in ((one, 5), (two, 7)):
+        logged = scalars(run)["train/lm_loss"]
+        assert sorted(logged) == list(range(first, STEPS + 1))
+        for step in range(first, STEPS + 1):
+            assert logged[step] == pytest.approx(expected[step], rel=1e-5)
+        assert_same_weights(weights(run, STEPS), weights(reference, STEPS), atol=1e-6)
+        assert_same_moments(run, reference, STEPS)
 
 
 def test_gradient_accumulation_4x1_equals_1x4(tmp_path, train_shards, reference):

@@ -199,6 +199,12 @@ class RunConfig:
         for name in ("seq_len", "micro_batch_size", "global_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        positions = self.model_config().max_position_embeddings
+        if self.seq_len > positions:
+            raise ValueError(
+                f"seq_len {self.seq_len} exceeds the model's max_position_embeddings {positions}: positions "
+                "beyond it were never trained (lower seq_len, or set model.overrides.max_position_embeddings)"
+            )
         if (self.train_steps is None) == (self.train_tokens is None):
             raise ValueError("exactly one of train_steps and train_tokens must be set")
         if (self.train_steps or 1) < 1 or (self.train_tokens or 1) < 1:
@@ -300,9 +306,24 @@ def read_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ValueError(f"{path}: cannot read the run config ({e})") from e
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a run config must be a mapping at the top level")
+    sources = _Sources(str(path or "defaults"), {})
     for item in overrides:
-        _apply_override(raw, item)
-    return _build(RunConfig, raw, "", str(path or "overrides"))
+        sources.overrides[_apply_override(raw, item)] = item
+    return _build(RunConfig, raw, "", sources)
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """Where each value came from, so that an error blames the override that set it, not the file."""
+
+    file: str
+    overrides: dict[str, str]  # dotted key -> the `key=value` text that set it
+
+    def of(self, name: str) -> str:
+        for key, item in self.overrides.items():
+            if name == key or name.startswith((key + ".", key + "[")):
+                return f"override {item!r}"
+        return self.file
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -322,7 +343,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str) -> str:
+    """Set the value of `key.sub=value` in the raw tree; returns the dotted key."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ValueError(f"override {item!r} is not of the form key.sub=value")
@@ -335,6 +357,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise ValueError(f"override {item!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = yaml.safe_load(text)
+    return key
 
 
 def _check_override_path(cls: type, parts: list[str], item: str, prefix: str = "") -> None:
@@ -357,29 +380,31 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, sources: _Sources) -> Any:
     if not isinstance(raw, dict):
-        raise ValueError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {raw!r}")
+        where = prefix.rstrip(".")
+        raise ValueError(f"{sources.of(where)}: {where or 'top level'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise ValueError(f"{source}: unknown config key(s) {[prefix + k for k in unknown]}")
-    values = {name: _coerce(value, hints[name], prefix + name, source) for name, value in raw.items()}
+        raise ValueError(f"{sources.file}: unknown config key(s) {[prefix + k for k in unknown]}")
+    values = {name: _coerce(value, hints[name], prefix + name, sources) for name, value in raw.items()}
     return cls(**values)
 
 
-def _coerce(value: Any, tp: Any, name: str, source: str) -> Any:
+def _coerce(value: Any, tp: Any, name: str, sources: _Sources) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    source = sources.of(name)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, name + ".", source)
+        return _build(tp, value, name + ".", sources)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, arg, name, source)
+                return _coerce(value, arg, name, sources)
             except ValueError as e:
                 errors.append(str(e))
         raise ValueError(errors[0] if len(errors) == 1 else f"{source}: {name}: {value!r} has the wrong type")
@@ -390,11 +415,11 @@ def _coerce(value: Any, tp: Any, name: str, source: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ValueError(f"{source}: {name} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{name}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, a, f"{name}[{i}]", sources) for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
         if not isinstance(value, list):
             raise ValueError(f"{source}: {name} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{name}[{i}]", source) for i, v in enumerate(value)]
+        return [_coerce(v, args[0], f"{name}[{i}]", sources) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{source}: {name} must be a mapping, got {value!r}")

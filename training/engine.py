@@ -8,10 +8,15 @@ Checkpoint loading avoids the ZeRO-3 weights-only trap (infra-notes 3.3, deepspe
 it never loads weights alone through the engine. Resuming on the same number of ranks loads the full
 state (module + optimizer) by explicit tag; on another number of ranks (where ZeRO shards do not fit)
 rank 0 rebuilds the fp32 weights from the checkpoint's optimizer shards *with the tag passed* and
-writes them into the model before the engine (and its fp32 master copy) exists; the optimizer then
-starts fresh. (DeepSpeed's universal checkpoint would carry the Adam moments across; converting and
-loading it ran on CPU, but the first step after it did not match an uninterrupted run's update, so it
-is not used.)
+writes them into the model before the engine (and its fp32 master copy) exists; once the engine
+exists, the Adam moments, rebuilt the same way (`consolidated_optimizer_state`, ZeRO-3), are written
+into its partitions with DeepSpeed's `safe_set_full_optimizer_state`, with the step counts.
+(DeepSpeed's universal checkpoint would do this too; converting and loading it ran on CPU, but the
+first step after it did not match an uninterrupted run's update, so it is not used.)
+
+DeepSpeed unpickles its checkpoint files fully; every `.pt` file is first opened with PyTorch's
+weights-only unpickler and an allowlist of the types DeepSpeed writes (`check_safe_to_load`), so a
+file carrying anything else is refused before DeepSpeed runs code from it.
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import safe_set_full_optimizer_state
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch import nn
 
@@ -186,13 +194,99 @@ def full_shape(param: nn.Parameter) -> torch.Size:
     return getattr(param, "ds_shape", param.shape)
 
 
+def _checkpoint_globals() -> list[Any]:
+    """The only non-tensor types DeepSpeed's checkpoint files hold (fp32/bf16, ZeRO 1-3): the loss
+    scaler and stage enum of the optimizer state, and numpy arrays (NumPy's RNG state)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    try:
+        from numpy._core.multiarray import _reconstruct  # NumPy 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+
+    numeric = [np.dtype(t) for t in (np.uint8, np.int32, np.uint32, np.int64, np.float32, np.float64)]
+    return [
+        np.ndarray,
+        np.dtype,
+        *(type(d) for d in numeric),
+        _reconstruct,
+        LossScaler,
+        DynamicLossScaler,
+        ZeroStageEnum,
+    ]
+
+
+def check_safe_to_load(path: Path) -> None:
+    """Refuse a `.pt` file that holds anything but tensors, plain containers and `_checkpoint_globals`.
+
+    DeepSpeed loads its files with full unpickling, which runs whatever code a file carries; every
+    file goes through PyTorch's weights-only unpickler first (which only ever builds allowlisted
+    types), with the tensor data memory-mapped rather than read.
+    """
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split(". ")[0]
+        raise ValueError(
+            f"{path}: refused to load: it holds pickled objects other than the tensors and types DeepSpeed "
+            f"writes, and loading it could run code from it ({reason})"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})") from None
+
+
+def check_checkpoint_files(checkpoint_dir: str | Path, tag: str) -> None:
+    """`check_safe_to_load` for every `.pt` file of checkpoint `tag`."""
+    for path in sorted((Path(checkpoint_dir) / tag).glob("*.pt")):
+        check_safe_to_load(path)
+
+
 def consolidated_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
     """The full fp32 weights of checkpoint `tag`, rebuilt from its optimizer shards (any stage).
 
-    The tag is always passed explicitly: without it DeepSpeed reads `latest` (#8499).
+    The tag is always passed explicitly: without it DeepSpeed reads `latest` (#8499). Every file
+    passes `check_safe_to_load` before DeepSpeed unpickles it.
     """
+    check_checkpoint_files(checkpoint_dir, tag)
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def consolidated_optimizer_state(checkpoint_dir: str | Path, tag: str) -> tuple[dict[str, dict], float]:
+    """The full Adam moments of every parameter of ZeRO-3 checkpoint `tag` (name -> {exp_avg,
+    exp_avg_sq}, fp32) and its Adam step count, for any number of ranks to load.
+
+    The moments are partitioned exactly like the fp32 master weights, so DeepSpeed's own
+    reassembly of those (zero_to_fp32) is applied to them. The optimizer files are read with the
+    weights-only unpickler only.
+    """
+    from deepspeed.utils import zero_to_fp32
+
+    path = Path(checkpoint_dir) / tag
+    check_checkpoint_files(checkpoint_dir, tag)
+    model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(path)))
+    shards = []
+    for file in zero_to_fp32.get_optim_files(str(path)):
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["optimizer_state_dict"]
+        if int(state["zero_stage"]) != 3:
+            raise ValueError(f"{file}: Adam moments carry across rank counts from ZeRO-3 checkpoints only")
+        shards.append(state["optimizer_state_dict"]["state"])  # sub-group index -> step, exp_avg, ...
+    moments: dict[str, dict] = {}
+    for key in ADAM_MOMENTS:
+        merged: dict[str, Any] = {}
+        flat = [[state[i][key] for i in sorted(state)] for state in shards]
+        zero_to_fp32._zero3_merge_trainable_params(merged, len(shards), flat, model_states)
+        for name, tensor in merged.items():
+            moments.setdefault(name, {})[key] = tensor.contiguous()
+    steps = {float(sub["step"]) for state in shards for sub in state.values()}
+    assert len(steps) == 1, f"{path}: Adam step counts differ between sub-groups: {steps}"
+    return moments, steps.pop()
 
 
 class Engine:
@@ -245,12 +339,58 @@ class Engine:
     def parameters(self) -> Iterator[nn.Parameter]:
         return self._ds.module.parameters()
 
+    def set_optimizer_state(
+        self, moments: dict[str, dict] | None, adam_step: float | None, step: int, samples: int
+    ) -> None:
+        """Every rank: write rank 0's full Adam moments (`consolidated_optimizer_state`; None on other
+        ranks) into this engine's ZeRO-3 partitions, and the step counts (Adam's, for its bias
+        correction, and the engine's)."""
+        box = [adam_step]
+        if dist.is_initialized():
+            dist.broadcast_object_list(box, src=0)
+        self._create_optimizer_state(box[0])
+        for name, param in self._ds.module.named_parameters():
+            for key in ADAM_MOMENTS:
+                value = moments[name][key] if moments is not None else torch.empty(full_shape(param))
+                value = value.to(device(), torch.float32)
+                if dist.is_initialized():
+                    dist.broadcast(value, src=0)
+                self._set_full_moment(param, value.view(full_shape(param)), key)
+        self._ds.global_steps, self._ds.global_samples = step, samples
+
+    def _set_full_moment(self, param: nn.Parameter, value: torch.Tensor, key: str) -> None:
+        """`safe_set_full_optimizer_state`, also where this rank's partition is padded past the
+        parameter's end (deepspeed 0.19.8 narrows past the end there: a 1-element bias on 2 ranks)."""
+        zero3 = self._ds.optimizer
+        partition, _ = zero3._get_fp32_opt_state_partition(param, False, optim_state_key=key)
+        start = partition.numel() * zero3._get_param_partition_rank(param)
+        if start + partition.numel() <= value.numel():
+            safe_set_full_optimizer_state(param, value, key)
+            return
+        piece = value.flatten()[start:]
+        partition.data.zero_()
+        partition.data[: piece.numel()].copy_(piece)
+
+    def _create_optimizer_state(self, adam_step: float) -> None:
+        """Adam creates its state at its first step; create it now, at `adam_step`, zero moments."""
+        zero3 = self._ds.optimizer
+        optimizer = zero3.optimizer  # torch AdamW (CPU), FusedAdam or DeepSpeedCPUAdam
+        # torch's Adam keeps the step as a float32 tensor, DeepSpeed's Adams as an int.
+        is_torch = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+        for flat in zero3.fp32_partitioned_groups_flat:  # one fp32 partition per ZeRO-3 sub-group
+            optimizer.state[flat].update(
+                step=torch.tensor(adam_step, dtype=torch.float32) if is_torch else int(adam_step),
+                exp_avg=torch.zeros_like(flat),
+                exp_avg_sq=torch.zeros_like(flat),
+            )
+
     def save(self, checkpoint_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
         """Every rank writes its shards; `latest` is ours to write (training.checkpoint)."""
         self._ds.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, checkpoint_dir: Path, tag: str) -> dict[str, Any]:
         """Full state (module, optimizer) of `tag` on the same number of ranks; returns client state."""
+        check_checkpoint_files(checkpoint_dir, tag)
         path, client_state = self._ds.load_checkpoint(
             str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
         )

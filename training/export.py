@@ -9,14 +9,22 @@ model's own source files travel along (`model.remote_code`), so the directory lo
     lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --tasks ...
 
 and, where this package is imported, without `trust_remote_code`.
+
+The checkpoint is verified against its manifest and every `.pt` file passes the weights-only check
+(`training.engine.check_safe_to_load`) before DeepSpeed reads it. The export is written to a
+temporary directory beside OUTPUT and renamed into place at the end, so OUTPUT is either complete or
+absent; an existing OUTPUT is replaced only when empty or an earlier export (it holds
+`export_info.json`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,18 +33,59 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from model import AdaPonderConfig, AdaPonderForCausalLM
 from model.hf_compat import match_state_dict
 from model.remote_code import write_remote_code
-from training.checkpoint import latest_tag, read_train_state
+from training.checkpoint import choose_checkpoint, has_checkpoints, read_train_state, verify
 from training.engine import consolidated_state_dict
+from training.rundir import fsync_path
 
+INFO_FILE = "export_info.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def checkpoint_dir_of(path: Path) -> Path:
-    """A run directory or its `checkpoints/` directory -> the directory holding `latest`."""
+    """A run directory or its `checkpoints/` directory -> the directory holding the checkpoints."""
     for candidate in (path / "checkpoints", path):
-        if (candidate / "latest").is_file():
+        if has_checkpoints(candidate):
             return candidate
-    raise ValueError(f"{path}: neither it nor {path / 'checkpoints'} holds a `latest` checkpoint")
+    raise ValueError(
+        f"{path}: neither it nor {path / 'checkpoints'} holds checkpoints (`latest` or step-* directories)"
+    )
+
+
+def _choose_tag(checkpoint_dir: Path, tag: str | None) -> str:
+    """The requested tag, or the newest complete checkpoint; verified either way."""
+    if tag is None:
+        choice = choose_checkpoint(checkpoint_dir)
+        for message in choice.messages:
+            print(f"adaponder-export: warning: {message}", file=sys.stderr)
+        return choice.tag
+    if not (checkpoint_dir / tag).is_dir():
+        raise ValueError(f"{checkpoint_dir}: no checkpoint {tag!r}")
+    problems = verify(checkpoint_dir / tag)
+    if problems:
+        raise ValueError(f"checkpoint {checkpoint_dir / tag} is not usable: {'; '.join(problems)}")
+    return tag
+
+
+def _check_output(output_dir: Path) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output {output_dir} exists and is not a directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / INFO_FILE).is_file():
+        raise ValueError(
+            f"output {output_dir} is a non-empty directory that is not an earlier export (no {INFO_FILE}); "
+            "refusing to overwrite it: choose another output directory"
+        )
+
+
+def _move_into_place(staging: Path, output_dir: Path) -> None:
+    """Rename the finished export to `output_dir`, replacing an empty directory or an earlier export."""
+    old = None
+    if output_dir.exists():
+        old = output_dir.with_name(f".{output_dir.name}.replaced-{os.getpid()}")
+        output_dir.rename(old)
+    staging.rename(output_dir)
+    fsync_path(output_dir.parent)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def _save_tokenizer(tokenizer: str | None, output_dir: Path) -> str:
@@ -59,15 +108,14 @@ def _save_tokenizer(tokenizer: str | None, output_dir: Path) -> str:
 def load_checkpoint_model(
     path: str | Path, tag: str | None = None
 ) -> tuple[AdaPonderForCausalLM, dict, Path]:
-    """Checkpoint `tag` (default: `latest`) of a run as a full fp32 model on the CPU, without a
-    DeepSpeed engine or process group (what `adaponder-export` and `adaponder-eval` read).
+    """Checkpoint `tag` (default: the newest complete one) of a run as a full fp32 model on the CPU,
+    without a DeepSpeed engine or process group (what `adaponder-export` and `adaponder-eval` read).
+    The checkpoint is verified (manifest, checksums, weights-only unpickling) first.
 
     Returns the model, the checkpoint's train state and the checkpoint directory.
     """
     checkpoint_dir = checkpoint_dir_of(Path(path))
-    tag = tag or latest_tag(checkpoint_dir)
-    if not (checkpoint_dir / tag).is_dir():
-        raise ValueError(f"{checkpoint_dir}: no checkpoint {tag!r}")
+    tag = _choose_tag(checkpoint_dir, tag)
     train_state = read_train_state(checkpoint_dir, tag)
     config = AdaPonderConfig(**train_state["model_config"])
     with torch.device("meta"):
@@ -84,30 +132,42 @@ def export_checkpoint(
     dtype: str = "float32",
     tokenizer: str | None = None,
 ) -> dict:
-    """Write checkpoint `tag` (default: `latest`) of a run as a Hugging Face directory.
+    """Write checkpoint `tag` (default: the newest complete one) of a run as a Hugging Face directory.
 
     Returns what was exported (also written to `output_dir/export_info.json`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    output_dir = Path(output_dir)
+    _check_output(output_dir)
     model, train_state, checkpoint = load_checkpoint_model(path, tag)
     model.to(DTYPES[dtype])
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.config.auto_map = write_remote_code(output_dir)
-    model.save_pretrained(str(output_dir))
-    tokenizer_note = _save_tokenizer(tokenizer or train_state["config"]["data"]["tokenizer"], output_dir)
-    info = {
-        "checkpoint": str(checkpoint.resolve()),
-        "step": train_state.get("step"),
-        "consumed_tokens": train_state.get("consumed_tokens"),
-        "dtype": dtype,
-        "tokenizer": tokenizer_note,
-        "parameters": sum(t.numel() for t in model.state_dict().values()),
-    }
-    (output_dir / "export_info.json").write_text(json.dumps(info, indent=1))
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    tokenizer = tokenizer or train_state["config"]["data"]["tokenizer"]
+    try:
+        tokenizer_note = _write_export(model, staging, tokenizer)
+        info = {
+            "checkpoint": str(checkpoint.resolve()),
+            "step": train_state.get("step"),
+            "consumed_tokens": train_state.get("consumed_tokens"),
+            "dtype": dtype,
+            "tokenizer": tokenizer_note,
+            "parameters": sum(t.numel() for t in model.state_dict().values()),
+        }
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=1))
+        _move_into_place(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed
     return info
+
+
+def _write_export(model: AdaPonderForCausalLM, out: Path, tokenizer: str | None) -> str:
+    """Weights, config, model source and tokenizer into `out`; returns the tokenizer note."""
+    model.config.auto_map = write_remote_code(out)
+    model.save_pretrained(str(out))
+    return _save_tokenizer(tokenizer, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from training import engine as ds
 from training.config import BatchPlan, RunConfig, config_to_dict, dump_config
 from training.metrics import EvalMeter, MetricsWriter, TrainMeter, wandb_resume_environment
 from training.optim import param_groups, set_backbone_trainable, set_learning_rates
+from training.rundir import RunLock, write_durable
 from training.schedule import Schedules, StepSettings
 
 CLIENT_STATE_SCHEMA = 1
@@ -65,15 +66,14 @@ class Trainer:
     """Builds data, model and engine for one run (resuming when the run holds a checkpoint) and trains."""
 
     def __init__(self, cfg: RunConfig, plan: BatchPlan, ds_config: dict[str, Any]):
-        self.cfg, self.plan = cfg, plan
+        self.cfg, self.plan, self.ds_config = cfg, plan, ds_config
         self.run_dir = Path(cfg.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.device = ds.device()
         self.state = TrainState()
         self.model_config = cfg.model_config()
         self._seed_everything()
-        self._write_resolved_config()
-
+        self._lock = self._lock_run_dir()
         resume_tag, resume_state = self._find_resume_point()
         self.datasets = self._build_datasets()
         model = ds.build_model(lambda: AdaPonderForCausalLM(self.model_config), ds_config)
@@ -90,6 +90,7 @@ class Trainer:
         if resume_state is not None:
             client = self.engine.load(self.checkpoint_dir, resume_tag) if same_world else resume_state
             self._restore(client, restore_rng=same_world)
+        self.moments_restored = same_world or (resume_state is not None and self._restore_moments(resume_tag))
 
         self.sampler = PretrainingSampler(
             num_samples=plan.train_steps * plan.global_batch_size,
@@ -102,6 +103,7 @@ class Trainer:
         )
         if client is not None:
             self.sampler.load_state_dict(client["sampler"], allow_data_change=cfg.data.allow_data_change)
+        self._write_resolved_config()  # only once the resume is accepted: it describes the checkpoints
         self.schedules = Schedules(cfg, plan)
         mc = self.model_config
         num_gates = mc.num_passes - 1 if mc.adaptive else 0
@@ -129,18 +131,30 @@ class Trainer:
         np.random.seed(self.cfg.seed)
         torch.manual_seed(self.cfg.seed)
 
+    def _lock_run_dir(self) -> RunLock | None:
+        """Rank 0 holds the run directory's lock; a second launch stops on every rank."""
+        lock, error = None, None
+        if dist.is_main_process():
+            try:
+                lock = RunLock(self.run_dir)
+            except ValueError as e:
+                error = str(e)
+        error = dist.broadcast_object(error)
+        if error:
+            raise ValueError(error)
+        return lock
+
     def _write_resolved_config(self) -> None:
         if dist.is_main_process():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            write_durable(self.run_dir / "config.yaml", dump_config(self.cfg))
 
     def _find_resume_point(self) -> tuple[str | None, dict[str, Any] | None]:
-        """The run's own latest complete checkpoint, checked against this run's model."""
-        checkpoint.remove_incomplete(self.checkpoint_dir)
-        dist.barrier()
-        tag = checkpoint.latest_tag(self.checkpoint_dir)
-        if tag is None:
+        """The run's newest complete checkpoint (`checkpoint.choose_checkpoint`), checked against this
+        run's model; nothing on disk changes before the checks pass."""
+        choice = checkpoint.choose_checkpoint(self.checkpoint_dir)
+        if choice.tag is None:
             return None, None
+        tag = choice.tag
         state = checkpoint.read_train_state(self.checkpoint_dir, tag)
         if state.get("schema") != CLIENT_STATE_SCHEMA:
             raise ValueError(f"{self.checkpoint_dir / tag}: unknown checkpoint schema {state.get('schema')}")
@@ -152,6 +166,10 @@ class Trainer:
                 f"{self.checkpoint_dir / tag}: the model config differs from the checkpoint's ({details}); "
                 "use a new run_dir to train a different model"
             )
+        for message in choice.messages:
+            dist.print0(f"WARNING: {message}")
+        checkpoint.apply_choice(self.checkpoint_dir, choice)
+        dist.barrier()
         return tag, state
 
     def _build_datasets(self) -> dict[str, Any]:
@@ -197,6 +215,16 @@ class Trainer:
         ds.write_weights(model, state)
         return dist.broadcast_object(provenance)
 
+    def _restore_moments(self, tag: str) -> bool:
+        """Another number of ranks: carry the Adam moments and step count over (ZeRO-3 only)."""
+        if ds.zero_stage(self.ds_config) != 3:
+            return False
+        moments, adam_step = (None, None)
+        if dist.is_main_process():
+            moments, adam_step = ds.consolidated_optimizer_state(self.checkpoint_dir, tag)
+        self.engine.set_optimizer_state(moments, adam_step, self.state.step, self.state.consumed_samples)
+        return True
+
     def _restore(self, client: dict[str, Any], restore_rng: bool) -> None:
         self.state = TrainState(
             step=int(client["step"]),
@@ -222,7 +250,13 @@ class Trainer:
             f"initial weights: {self.provenance}",
         ]
         if resume_tag is not None:
-            how = "full state" if same_world else "weights only (rank count changed; optimizer moments reset)"
+            how = "full state"
+            if not same_world:
+                how = "rank count changed: " + (
+                    "weights, Adam moments and step counts"
+                    if self.moments_restored
+                    else "weights only, optimizer reset (moments carry over under ZeRO-3 only)"
+                )
             lines.append(
                 f"resumed from {self.checkpoint_dir / resume_tag} ({how}) at step {self.state.step}, "
                 f"consumed samples {self.state.consumed_samples:,}"

@@ -1,0 +1,234 @@
+"""A run directory never loses a complete checkpoint and never runs code from one (real CPU runs).
+
+One 2-rank run stops at step 4 of 6 with checkpoints at steps 2 and 4; each test damages a copy of
+it the way a user, a crash or a stranger would, and launches the run again.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_training_run import PRETRAIN, command, environment, make_config, run_dir, summary, train
+
+from training.checkpoint import _describe_own_files, latest_tag, tag_for, write_manifest
+from training.export import main as export_main
+
+RUN = {"train_steps": 6, "checkpoint__interval": 2, "checkpoint__keep_last": 0, "logging__eval_interval": 0}
+SHARD = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, train_shards):
+    config = make_config(tmp_path_factory.mktemp("source"), train_shards, "source", **RUN)
+    train(config, "exit_at_step=4")
+    return run_dir(config)
+
+
+def copy_of(source: Path, tmp_path: Path, train_shards) -> tuple[Path, Path]:
+    """A config for a copy of the source run directory, and the copy's checkpoints directory."""
+    config = make_config(tmp_path, train_shards, "run", **RUN)
+    shutil.copytree(source, run_dir(config))
+    return config, run_dir(config) / "checkpoints"
+
+
+def listing(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty"])
+def test_without_a_usable_latest_the_newest_complete_checkpoint_is_resumed_and_none_deleted(
+    damage, source, tmp_path, train_shards
+):
+    config, checkpoints = copy_of(source, tmp_path, train_shards)
+    if damage == "missing":
+        (checkpoints / "latest").unlink()
+    else:
+        (checkpoints / "latest").write_text("")  # a torn write
+    result = train(config)
+    assert f"resuming from {checkpoints / tag_for(4)}, the newest complete checkpoint" in result.stdout
+    assert "(full state) at step 4" in result.stdout
+    assert {tag_for(s) for s in (2, 4, 6)} <= {p.name for p in checkpoints.iterdir()}
+    assert summary(run_dir(config))["step"] == 6 and latest_tag(checkpoints) == tag_for(6)
+
+
+def test_checkpoints_of_which_none_is_complete_are_an_error_not_a_fresh_start(source, tmp_path, train_shards):
+    config, checkpoints = copy_of(source, tmp_path, train_shards)
+    (checkpoints / "latest").unlink()
+    for step in (2, 4):
+        shard = checkpoints / tag_for(step) / SHARD
+        shard.write_bytes(shard.read_bytes()[:1000])  # a copy that ran out of disk
+    before = listing(run_dir(config))
+    result = train(config, nproc=1, expect=2)  # torchrun would turn the exit status 2 into 1
+    assert "holds checkpoints but none is complete and loadable" in result.stderr
+    assert f"{checkpoints / tag_for(2) / SHARD} has 1000 bytes" in result.stderr
+    assert listing(run_dir(config)) == before  # nothing deleted, moved, overwritten or started
+
+
+def test_a_damaged_shard_is_named_and_the_previous_complete_checkpoint_resumed(
+    source, tmp_path, train_shards
+):
+    config, checkpoints = copy_of(source, tmp_path, train_shards)
+    shard = checkpoints / tag_for(4) / SHARD
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit pattern inside the Adam moments: the zip still opens
+    shard.write_bytes(bytes(data))
+    result = train(config)
+    assert f"{shard} is damaged: its sha256 differs from the manifest's" in result.stdout
+    assert f"resuming from {checkpoints / tag_for(2)}" in result.stdout and "at step 2" in result.stdout
+    assert (checkpoints / f"{tag_for(4)}.set-aside" / SHARD).read_bytes() == bytes(data)  # kept, not deleted
+    assert summary(run_dir(config))["step"] == 6
+
+
+def test_a_refused_resume_leaves_config_yaml_as_it_was(source, tmp_path, train_shards):
+    config, _ = copy_of(source, tmp_path, train_shards)
+    saved = (run_dir(config) / "config.yaml").read_text()
+    result = train(config, "model.overrides.hidden_size=32", nproc=1, expect=2)
+    assert "the model config differs from the checkpoint's" in result.stderr
+    assert "hidden_size: 64 -> 32" in result.stderr
+    assert (run_dir(config) / "config.yaml").read_text() == saved
+
+
+class Payload:
+    """What a hostile checkpoint carries: unpickling it runs code (here: creates a marker file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_a_checkpoint_carrying_a_pickled_payload_is_refused_and_the_payload_never_runs(
+    source, tmp_path, train_shards, capsys
+):
+    config, checkpoints = copy_of(source, tmp_path, train_shards)
+    marker = tmp_path / "payload-ran"
+    shard = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    for step in (2, 4):
+        path = checkpoints / tag_for(step)
+        state = torch.load(path / shard, weights_only=False)  # the source run's own file: trusted
+        state["note"] = Payload(marker)
+        torch.save(state, path / shard)
+        # As it would arrive from elsewhere: with a manifest that matches its files.
+        write_manifest(path, step, {**_describe_own_files(path, 0), **_describe_own_files(path, 1)}, 2)
+    result = train(config, nproc=1, expect=2)
+    assert f"{checkpoints / tag_for(4) / shard}: refused to load" in result.stderr
+    assert "GLOBAL exec" in result.stderr
+    assert not marker.exists()
+    assert export_main([str(run_dir(config)), str(tmp_path / "hf")]) == 2
+    assert f"{checkpoints / tag_for(2) / shard}: refused to load" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "hf").exists()
+
+
+def test_a_second_launch_on_a_live_run_directory_is_refused_and_a_killed_run_leaves_no_lock(
+    tmp_path, train_shards
+):
+    config = make_config(tmp_path, train_shards, "live", train_steps=200, logging__eval_interval=0)
+    first = subprocess.Popen(
+        command(config, nproc=1),
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        for line in first.stdout:
+            if line.startswith("step 2/"):
+                break
+        second = train(config, nproc=1, expect=2)
+        assert (
+            f"run directory {run_dir(config)} is in use by another run (pid {first.pid} on host"
+            in second.stderr
+        )
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    train(config, "exit_at_step=1", nproc=1)  # the killed run's lock went with its process
+    assert summary(run_dir(config))["status"] == "stopped at exit_at_step=1"
+
+
+# Runs the training entry point with os.fsync, os.replace and shutil.rmtree recorded, in order.
+RECORDER = """
+import json, os, runpy, shutil, sys
+log = open(sys.argv[1], "a")
+fsync, replace, rmtree = os.fsync, os.replace, shutil.rmtree
+def record(*event):
+    log.write(json.dumps(event) + "\\n")
+    log.flush()
+def recorded_fsync(fd):
+    record("fsync", os.readlink(f"/proc/self/fd/{fd}"))
+    fsync(fd)
+def recorded_replace(src, dst, *args, **kwargs):
+    replace(src, dst, *args, **kwargs)
+    record("replace", os.fspath(dst))
+def recorded_rmtree(path, *args, **kwargs):
+    record("rmtree", os.fspath(path))
+    rmtree(path, *args, **kwargs)
+os.fsync, os.replace, shutil.rmtree = recorded_fsync, recorded_replace, recorded_rmtree
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_checkpoints_are_durable_before_latest_moves_and_pruned_only_after(tmp_path, train_shards):
+    config = make_config(
+        tmp_path,
+        train_shards,
+        "durable",
+        train_steps=3,
+        checkpoint__interval=1,
+        checkpoint__keep_last=1,
+        logging__eval_interval=0,
+    )
+    log = tmp_path / "events.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-c", RECORDER, str(log), str(PRETRAIN), "--config", str(config)],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = run_dir(config) / "checkpoints"
+    events = [tuple(json.loads(line)) for line in log.read_text().splitlines()]
+    latest_moves = [i for i, e in enumerate(events) if e == ("replace", str(checkpoints / "latest"))]
+    assert len(latest_moves) == 3
+    names = list(json.loads((checkpoints / tag_for(3) / "manifest.json").read_text())["files"])
+    assert len(names) == 3  # the train state and rank 0's two shards
+    for step, moved in enumerate(latest_moves, 1):
+        before, after = events[:moved], events[moved + 1 :]
+        path = checkpoints / tag_for(step)
+        for name in names:
+            assert ("fsync", str(path / name)) in before, (step, name)
+        manifest = before.index(("fsync", str(path / "manifest.json.tmp")))  # written aside, then renamed
+        assert ("replace", str(path / "manifest.json")) in before[manifest:]
+        assert ("fsync", str(path)) in before  # the directory's entries
+        assert ("fsync", str(checkpoints)) in after[:2]  # the rename of `latest` itself
+        if step > 1:
+            pruned = events.index(("rmtree", str(checkpoints / tag_for(step - 1))))
+            assert pruned > moved
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == [tag_for(3)]
+
+
+def test_export_is_all_or_nothing_and_never_overwrites_a_foreign_directory(source, tmp_path, capsys):
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep")
+    assert export_main([str(source), str(foreign)]) == 2
+    assert "is a non-empty directory that is not an earlier export" in capsys.readouterr().err
+    assert listing(foreign) == {"mine.txt": 4}
+    out = tmp_path / "hf"
+    # The tokenizer is written after the weights: the failure comes late.
+    assert export_main([str(source), str(out), "--tokenizer", str(tmp_path / "gone.json")]) == 2
+    assert "gone.json: not found" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no half-written directory
+    assert export_main([str(source), str(out)]) == 0
+    first = (out / "model.safetensors").read_bytes()
+    assert export_main([str(source), str(out), "--tag", tag_for(2)]) == 0  # an earlier export is replaced
+    assert json.loads((out / "export_info.json").read_text())["step"] == 2
+    assert (out / "model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes"]
