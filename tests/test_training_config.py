@@ -287,7 +287,10 @@ def test_slurm_tasks_map_to_torch_distributed_ranks(monkeypatch):
     from training.distributed import setup_environment
 
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)  # restored (deleted) after the test
+        # setenv first so that monkeypatch restores the variable's absence too: setup_environment
+        # writes os.environ, and a LOCAL_RANK=1 left behind makes lm-eval return no results later.
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MASTER_ADDR", "node-1")
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_LOCALID", "1")
