@@ -28,10 +28,12 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch import nn
 
 from training.config import BatchPlan, RunConfig
+from training.memory import zero_buckets
 
 
 def _owned_values(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
@@ -86,6 +88,7 @@ def load_ds_config(path: Path, cfg: RunConfig, plan: BatchPlan) -> dict[str, Any
         raise ValueError(f"{path}: zero_optimization.stage must be 1, 2 or 3, got {stage!r}")
     for key, value in _owned_values(cfg, plan).items():
         _fill(ds, key, value, path)
+    _fill_buckets(ds, zero_buckets(cfg.model_config(), stage), path)
     params = ds["optimizer"]["params"]
     # CPU runs use torch.optim.AdamW: DeepSpeed's CPU Adam would have to be JIT-compiled.
     if get_accelerator().device_name() == "cpu":
@@ -108,6 +111,33 @@ def _fill(ds: dict[str, Any], dotted: str, value: Any, path: Path) -> None:
         )
 
 
+def _fill_buckets(ds: dict[str, Any], sizes: dict[str, int], path: Path) -> None:
+    """Communication buckets and ZeRO-3 gathering limits, in elements: "auto" (or absent) takes the
+    size derived from the model (training.memory.zero_buckets); a number is the user's choice."""
+    zero = ds["zero_optimization"]
+    for key, value in sizes.items():
+        current = zero.get(key, "auto")
+        if current == "auto":
+            zero[key] = value
+        elif isinstance(current, bool) or not isinstance(current, (int, float)) or current < 0:
+            raise ValueError(
+                f'{path}: zero_optimization.{key} must be "auto" or a number >= 0, got {current!r}'
+            )
+
+
+def zero3_model_states_estimate(total_params: int, largest_layer_params: int, world_size: int) -> int:
+    """DeepSpeed's own estimate of ZeRO-3 model-state bytes per GPU (mixed precision, no offload:
+    18 bytes per parameter over the ranks, plus the largest layer gathered in fp32)."""
+    _, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(
+        total_params,
+        largest_layer_params,
+        num_gpus_per_node=world_size,
+        cpu_offload=False,
+        cpu_offload_params=False,
+    )
+    return gpu_bytes
+
+
 def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config["zero_optimization"]["stage"])
 
@@ -117,6 +147,14 @@ def init_distributed() -> None:
     # zero.Init allocates on the current device before deepspeed.initialize would set it.
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+def accelerator_memory_bytes() -> int | None:
+    """Memory of this rank's accelerator; None on CPU, where the ranks share the host's memory."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return None
+    return int(accelerator.total_memory())
 
 
 def device() -> torch.device:
