@@ -213,12 +213,13 @@ def plan_table(args: argparse.Namespace) -> None:
         budget = int(args.gpu_memory_gib * GIB)
         cells = []
         for flag in (True, False):
-            per_sample = (memory.peak(1, flag) - memory.peak(0, flag)) / GIB
+            per_sample = memory.activation_per_sample(flag) / GIB
             cells.append((per_sample, memory.max_micro_batch(budget, flag)))
         (ckpt_act, ckpt_mb), (full_act, full_mb) = cells
         print(
             f"{preset:<12} {memory.sizes.total:>14,} {sum(memory.states.values()) / GIB:7.2f} "
-            f"{memory.gathered / GIB:8.2f} | {ckpt_act:15.2f} {ckpt_mb:>11} | {full_act:18.2f} {full_mb:>14}"
+            f"{memory.gathered('backward') / GIB:8.2f} | {ckpt_act:15.2f} {ckpt_mb:>11} | "
+            f"{full_act:18.2f} {full_mb:>14}"
         )
 
 

@@ -33,7 +33,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from torch import nn
 
 from training.config import BatchPlan, RunConfig
-from training.memory import zero_buckets
+from training.memory import model_sizes, zero_buckets
 
 
 def _owned_values(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
@@ -89,6 +89,7 @@ def load_ds_config(path: Path, cfg: RunConfig, plan: BatchPlan) -> dict[str, Any
     for key, value in _owned_values(cfg, plan).items():
         _fill(ds, key, value, path)
     _fill_buckets(ds, zero_buckets(cfg.model_config(), stage), path)
+    _fill_nvme_offload(ds, cfg, path)
     params = ds["optimizer"]["params"]
     # CPU runs use torch.optim.AdamW: DeepSpeed's CPU Adam would have to be JIT-compiled.
     if get_accelerator().device_name() == "cpu":
@@ -122,6 +123,25 @@ def _fill_buckets(ds: dict[str, Any], sizes: dict[str, int], path: Path) -> None
         elif isinstance(current, bool) or not isinstance(current, (int, float)) or current < 0:
             raise ValueError(
                 f'{path}: zero_optimization.{key} must be "auto" or a number >= 0, got {current!r}'
+            )
+
+
+def _fill_nvme_offload(ds: dict[str, Any], cfg: RunConfig, path: Path) -> None:
+    """NVMe offload (ZeRO-Infinity): "auto" swap directory `<run_dir>/nvme-offload` (point it at a
+    local NVMe disk for real runs) and parameter swap buffers that hold the largest tensor."""
+    zero = ds["zero_optimization"]
+    for section in ("offload_param", "offload_optimizer"):
+        offload = zero.get(section, {})
+        if offload.get("device") != "nvme":
+            continue
+        if offload.get("nvme_path", "auto") == "auto":
+            offload["nvme_path"] = str((Path(cfg.run_dir) / "nvme-offload").resolve())
+        if section == "offload_param" and offload.get("buffer_size", "auto") == "auto":
+            offload["buffer_size"] = model_sizes(cfg.model_config()).largest_tensor
+    for section in ("offload_param", "offload_optimizer"):
+        if zero.get(section, {}).get("device") == "nvme" and "auto" in json.dumps(zero[section]):
+            raise ValueError(
+                f'{path}: zero_optimization.{section} has an "auto" value this project does not fill'
             )
 
 
