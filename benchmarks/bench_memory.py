@@ -128,8 +128,9 @@ def planned(args: argparse.Namespace, preset: str, data: tuple[str, str]) -> dic
     plan = plan_batches(cfg, args.ranks)
     ds_config = ds.load_ds_config(resolve_path(cfg.deepspeed_config, "deepspeed_config"), cfg, plan)
     memory = plan_memory(cfg.model_config(), cfg, args.ranks, ds_config)
-    figures = {phase: b / GIB for phase, b in memory.phase_peaks().items()}
-    figures["peak"] = memory.peak() / GIB
+    # On CPU the device and the host are the same memory.
+    figures = {phase: b / GIB for phase, b in memory.phase_peaks(host=True).items()}
+    figures["peak"] = memory.peak(host=True) / GIB
     figures["parameters"] = memory.sizes.total
     return figures
 

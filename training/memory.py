@@ -172,6 +172,17 @@ class MemoryPlan:
         for where, group in (("offload_param", weights), ("offload_optimizer", optim)):
             device = self.zero.get(where, {}).get("device", "none")
             {"cpu": self.host_states, "nvme": self.nvme_states}.get(device, self.states).update(group)
+        # NVMe offload swaps through buffers in CPU memory: parameters buffer_count x buffer_size
+        # elements; the optimizer one sub-group (master, moments, gradient) per buffer.
+        offload_param = self.zero.get("offload_param", {})
+        if offload_param.get("device") == "nvme":
+            size = int(offload_param.get("buffer_size", sizes.largest_tensor))
+            self.host_states["parameter swap buffers"] = int(offload_param.get("buffer_count", 5)) * size * p
+        offload_optimizer = self.zero.get("offload_optimizer", {})
+        if offload_optimizer.get("device") == "nvme":
+            group_size = min(shard, int(self.zero.get("sub_group_size", 10**9)))
+            count = int(offload_optimizer.get("buffer_count", 4))
+            self.host_states["optimizer swap buffers"] = count * group_size * FP32
 
     @property
     def stage(self) -> int:
@@ -225,10 +236,11 @@ class MemoryPlan:
         return activation_bytes(self.config, tokens, self.dtype_bytes, ckpt)
 
     def phase_peaks(
-        self, micro_batch: int | None = None, checkpointing: bool | None = None
+        self, micro_batch: int | None = None, checkpointing: bool | None = None, host: bool = False
     ) -> dict[str, int]:
-        """Planned peak of each phase on the accelerator (CPU runs: in host memory)."""
-        states = sum(self.states.values())
+        """Planned peak of each phase on the accelerator; with `host`, plus what is offloaded to
+        CPU memory (a CPU-only run holds both in the same memory)."""
+        states = sum(self.states.values()) + (sum(self.host_states.values()) if host else 0)
         kept, transient = self.activations(micro_batch, checkpointing)
         return {
             "init": states,
@@ -237,8 +249,10 @@ class MemoryPlan:
             "step": states + self.step_transient,
         }
 
-    def peak(self, micro_batch: int | None = None, checkpointing: bool | None = None) -> int:
-        return max(self.phase_peaks(micro_batch, checkpointing).values())
+    def peak(
+        self, micro_batch: int | None = None, checkpointing: bool | None = None, host: bool = False
+    ) -> int:
+        return max(self.phase_peaks(micro_batch, checkpointing, host).values())
 
     def max_micro_batch(self, device_bytes: int, checkpointing: bool | None = None) -> int:
         """The largest micro-batch whose planned peak leaves 10% and 1 GiB of `device_bytes` free."""

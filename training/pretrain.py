@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adaponder-train: configuration error: {e}", file=sys.stderr)
         return 2
     ds.init_distributed()
-    dist.print0(describe_plan(cfg, plan, ds_config, args.gpu_memory_gib))
+    if dist.is_main_process():
+        print(describe_plan(cfg, plan, ds_config, args.gpu_memory_gib), flush=True)
     status = RankStatus(
         Path(cfg.run_dir),
         dist.rank(),
