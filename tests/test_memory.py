@@ -239,26 +239,3 @@ def _wait_for_step(run: Path, rank: int, step: int, proc: subprocess.Popen, time
         time.sleep(0.05)
     raise AssertionError(f"rank {rank} did not reach step {step}")
 
-
-def _async_io_available() -> bool:
-    from deepspeed.ops.op_builder.cpu import AsyncIOBuilder
-
-    return AsyncIOBuilder().is_compatible(verbose=False)
-
-
-@pytest.mark.skipif(not _async_io_available(), reason="DeepSpeed's async_io op needs libaio (libaio-dev)")
-def test_nvme_offload_config_trains(tmp_path, train_shards):
-    """ds_configs/zero3_nvme.json: parameters and optimizer states swapped to local disk."""
-    config = make_config(
-        tmp_path,
-        train_shards,
-        "nvme",
-        train_steps=2,
-        deepspeed_config=str(REPO / "ds_configs" / "zero3_nvme.json"),
-        logging__eval_interval=0,
-    )
-    result = subprocess.run(command(config), env=environment(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "model states on NVMe" in result.stdout
-    swapped = list((tmp_path / "nvme" / "nvme-offload").rglob("*.swp"))
-    assert swapped and all(path.stat().st_size > 0 for path in swapped)
