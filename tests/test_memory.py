@@ -238,4 +238,3 @@ def _wait_for_step(run: Path, rank: int, step: int, proc: subprocess.Popen, time
             return record
         time.sleep(0.05)
     raise AssertionError(f"rank {rank} did not reach step {step}")
-
