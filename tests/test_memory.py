@@ -164,7 +164,8 @@ def test_dry_run_prints_the_plan_without_data(capsys):
     )
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "2,097,152 tokens/step; 12,398 steps" in out
+    recipe = read_config(REPO / "configs" / "pythia-410m.yaml")
+    assert f"batch: {plan_batches(recipe, 8).describe()}" in out  # tokens per step and steps
     assert "parameters 417,941,507" in out
     for text in (
         "model states on the device",
