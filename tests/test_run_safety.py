@@ -6,13 +6,14 @@ it the way a user, a crash or a stranger would, and launches the run again.
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_training_run import PRETRAIN, command, environment, make_config, run_dir, summary, train
+from test_training_run import PRETRAIN, REPO, command, environment, make_config, run_dir, summary, train
 
 from training.checkpoint import _describe_own_files, latest_tag, tag_for, write_manifest
 from training.export import main as export_main
@@ -232,3 +233,31 @@ def test_export_is_all_or_nothing_and_never_overwrites_a_foreign_directory(sourc
     assert json.loads((out / "export_info.json").read_text())["step"] == 2
     assert (out / "model.safetensors").read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes"]
+
+
+HOLD_AND_FORK = """
+import os, signal, sys, time
+from training.rundir import RunLock
+lock = RunLock(sys.argv[1])
+if os.fork() == 0:  # a child that outlives its parent, like a data-loader worker of a killed rank
+    for fd in (1, 2):  # let the parent's pipes close, so that the test does not wait for the child
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    time.sleep(30)
+    os._exit(0)
+print("locked", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_lock_dies_with_its_holder_even_while_a_forked_child_lives(tmp_path):
+    from training.rundir import RunLock
+
+    holder = subprocess.run(
+        [sys.executable, "-c", HOLD_AND_FORK, str(tmp_path)],
+        env={**environment(), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert holder.stdout == "locked\n" and holder.returncode == -signal.SIGKILL
+    RunLock(tmp_path).close()  # the child still sleeps, and the directory is free

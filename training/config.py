@@ -149,7 +149,9 @@ class LoggingConfig:
     log_interval: int = 10  # optimizer steps between console lines and TensorBoard scalars
     eval_interval: int = 1000  # optimizer steps between validation passes (and one at the end); 0: off
     eval_samples: int = 64  # validation samples per evaluation: always the same first ones
-    peak_tflops: float = 312.0  # peak dense TFLOP/s of one rank's device for MFU (A100 bf16: 312)
+    # Peak dense TFLOP/s of one rank's device for MFU; None: detected (training.metrics), or set it
+    # for a device the table does not know.
+    peak_tflops: float | None = None
     progress_bar: bool = True  # a tqdm bar on rank 0 when stderr is a terminal
     # Beside TensorBoard, DeepSpeed's own monitors get every scalar (docs/metrics.md):
     csv_monitor: bool = False  # one `<run_dir>/monitor/csv/<tag>.csv` per tag (step, value)
@@ -161,7 +163,7 @@ class LoggingConfig:
             raise ValueError(f"logging.log_interval must be >= 1, got {self.log_interval}")
         if self.eval_interval < 0 or self.eval_samples < 0:
             raise ValueError("logging.eval_interval and logging.eval_samples must be >= 0")
-        if self.peak_tflops <= 0:
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ValueError(f"logging.peak_tflops must be > 0, got {self.peak_tflops}")
         if self.wandb_project is not None and importlib.util.find_spec("wandb") is None:
             raise ValueError("logging.wandb_project is set but wandb is not installed (pip install wandb)")
@@ -191,11 +193,13 @@ class RunConfig:
     activation_checkpointing: bool = False  # recompute each layer in backward to save activations
     seed: int = 1234  # model init and any randomness; the data order has its own data.seed
 
-    def validate(self) -> None:
-        """Check every field that can be checked without knowing the number of ranks."""
+    def validate(self, check_data: bool = True) -> None:
+        """Check every field that can be checked without knowing the number of ranks (the data
+        files too unless `check_data` is off: a --dry-run plans without them)."""
         for sub in (self.model, self.optimizer, self.schedule, self.ponder, self.checkpoint, self.logging):
             sub.validate()
-        self.data.validate()
+        if check_data:
+            self.data.validate()
         for name in ("seq_len", "micro_batch_size", "global_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -35,11 +35,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.utils import safe_set_full_optimizer_state
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch import nn
 
 from training.config import BatchPlan, RunConfig
+from training.memory import model_sizes, zero_buckets
 
 
 def _owned_values(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
@@ -94,6 +96,8 @@ def load_ds_config(path: Path, cfg: RunConfig, plan: BatchPlan) -> dict[str, Any
         raise ValueError(f"{path}: zero_optimization.stage must be 1, 2 or 3, got {stage!r}")
     for key, value in _owned_values(cfg, plan).items():
         _fill(ds, key, value, path)
+    _fill_buckets(ds, zero_buckets(cfg.model_config(), stage), path)
+    _fill_nvme_offload(ds, cfg, path)
     params = ds["optimizer"]["params"]
     # CPU runs use torch.optim.AdamW: DeepSpeed's CPU Adam would have to be JIT-compiled.
     if get_accelerator().device_name() == "cpu":
@@ -116,6 +120,52 @@ def _fill(ds: dict[str, Any], dotted: str, value: Any, path: Path) -> None:
         )
 
 
+def _fill_buckets(ds: dict[str, Any], sizes: dict[str, int], path: Path) -> None:
+    """Communication buckets and ZeRO-3 gathering limits, in elements: "auto" (or absent) takes the
+    size derived from the model (training.memory.zero_buckets); a number is the user's choice."""
+    zero = ds["zero_optimization"]
+    for key, value in sizes.items():
+        current = zero.get(key, "auto")
+        if current == "auto":
+            zero[key] = value
+        elif isinstance(current, bool) or not isinstance(current, (int, float)) or current < 0:
+            raise ValueError(
+                f'{path}: zero_optimization.{key} must be "auto" or a number >= 0, got {current!r}'
+            )
+
+
+def _fill_nvme_offload(ds: dict[str, Any], cfg: RunConfig, path: Path) -> None:
+    """NVMe offload (ZeRO-Infinity): "auto" swap directory `<run_dir>/nvme-offload` (point it at a
+    local NVMe disk for real runs) and parameter swap buffers that hold the largest tensor."""
+    zero = ds["zero_optimization"]
+    for section in ("offload_param", "offload_optimizer"):
+        offload = zero.get(section, {})
+        if offload.get("device") != "nvme":
+            continue
+        if offload.get("nvme_path", "auto") == "auto":
+            offload["nvme_path"] = str((Path(cfg.run_dir) / "nvme-offload").resolve())
+        if section == "offload_param" and offload.get("buffer_size", "auto") == "auto":
+            offload["buffer_size"] = model_sizes(cfg.model_config()).largest_tensor
+    for section in ("offload_param", "offload_optimizer"):
+        if zero.get(section, {}).get("device") == "nvme" and "auto" in json.dumps(zero[section]):
+            raise ValueError(
+                f'{path}: zero_optimization.{section} has an "auto" value this project does not fill'
+            )
+
+
+def zero3_model_states_estimate(total_params: int, largest_layer_params: int, world_size: int) -> int:
+    """DeepSpeed's own estimate of ZeRO-3 model-state bytes per GPU (mixed precision, no offload:
+    18 bytes per parameter over the ranks, plus the largest layer gathered in fp32)."""
+    _, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(
+        total_params,
+        largest_layer_params,
+        num_gpus_per_node=world_size,
+        cpu_offload=False,
+        cpu_offload_params=False,
+    )
+    return gpu_bytes
+
+
 def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config["zero_optimization"]["stage"])
 
@@ -125,6 +175,14 @@ def init_distributed() -> None:
     # zero.Init allocates on the current device before deepspeed.initialize would set it.
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+def accelerator_memory_bytes() -> int | None:
+    """Memory of this rank's accelerator; None on CPU, where the ranks share the host's memory."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return None
+    return int(accelerator.total_memory())
 
 
 def device() -> torch.device:

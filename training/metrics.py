@@ -5,23 +5,26 @@ run enables them (csv_monitor, wandb: scalars only). docs/metrics.md lists every
 FLOPs: the model reports the forward FLOPs of each batch as run adaptively (`total`) and with every
 token in every pass (`dense_total`, what training actually computes). Model FLOPs per training step
 are 3 x dense forward (forward + backward); with activation checkpointing the hardware does a 4th
-forward, which MFU leaves out by convention.
+forward, which MFU leaves out by convention. MFU divides by the device's peak dense TFLOP/s for the
+run's precision, looked up from the device's name (`detect_peak_tflops`); on CPU it is an estimate
+from the threads, clock and vector width, and says so; `logging.peak_tflops` overrides both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import resource
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from training import distributed as dist
+from training.rank_status import run_peak_gib
 
 # Names of the TensorBoard scalars, grouped so that TensorBoard shows one panel per group.
 TRAIN_SCALARS = (
@@ -66,9 +69,77 @@ def wandb_resume_environment(run_dir: Path) -> dict[str, str]:
 
 def peak_memory_gib() -> float:
     """Peak accelerator memory allocated by this process, or its peak resident size on CPU."""
+    return run_peak_gib()
+
+
+# Peak dense (no sparsity) TFLOP/s per device from the vendors' data sheets: (bf16, fp32). fp32 is
+# the non-tensor-core rate (PyTorch does not use TF32 for matmuls by default). Matched as a substring
+# of the device name, first match wins: more specific names come first.
+GPU_PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
+    ("GH200", 989.0, 67.0),
+    ("H200", 989.0, 67.0),
+    ("H100 NVL", 835.0, 60.0),
+    ("H100 PCIe", 756.0, 51.0),
+    ("H100", 989.0, 67.0),  # SXM
+    ("H800", 989.0, 67.0),
+    ("H20", 148.0, 44.0),
+    ("B200", 2250.0, 75.0),
+    ("A100", 312.0, 19.5),
+    ("A800", 312.0, 19.5),
+    ("A40", 149.7, 37.4),
+    ("A10", 125.0, 31.2),
+    ("L40S", 362.0, 91.6),
+    ("L40", 181.0, 90.5),
+    ("L4", 121.0, 30.3),
+    ("MI300X", 1307.4, 163.4),
+    ("MI250X", 383.0, 47.9),
+)
+
+
+@dataclass(frozen=True)
+class PeakFlops:
+    """The peak MFU divides by, and where it came from (printed at the start of a run)."""
+
+    tflops: float | None  # None: unknown device and no logging.peak_tflops; MFU is then NaN
+    source: str
+
+
+def detect_peak_tflops(precision: str, override: float | None = None) -> PeakFlops:
+    """Peak dense TFLOP/s of one rank's device for `precision` ("bf16" or "fp32")."""
+    if override is not None:
+        return PeakFlops(override, f"{override:g} TFLOP/s from logging.peak_tflops")
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+        name = torch.cuda.get_device_name()
+        for key, bf16, fp32 in GPU_PEAK_TFLOPS:
+            if key in name:
+                peak = bf16 if precision == "bf16" else fp32
+                return PeakFlops(peak, f"{name}: {peak:g} TFLOP/s dense {precision} (data sheet)")
+        return PeakFlops(None, f"{name} is not in the table of known GPUs: set logging.peak_tflops for MFU")
+    return cpu_peak_tflops()
+
+
+def cpu_peak_tflops() -> PeakFlops:
+    """An estimate: threads x clock x fp32 FLOPs per cycle (two FMA units of the widest vectors)."""
+    threads = torch.get_num_threads()
+    mhz, flags = 0.0, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "cpu MHz" and not mhz:
+                mhz = float(value)
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    per_cycle = lanes * 2 * (2 if "fma" in flags or lanes == 16 else 1)  # FMA = 2 FLOPs, 2 units
+    ghz = (mhz or 2000.0) / 1000
+    peak = threads * ghz * per_cycle / 1000
+    return PeakFlops(
+        peak,
+        f"CPU estimate, not a measured peak: {threads} threads x {ghz:.2f} GHz x {per_cycle} fp32 "
+        f"FLOPs/cycle = {peak:.3g} TFLOP/s",
+    )
 
 
 class TrainMeter:

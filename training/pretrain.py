@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 8 training/pretrain.py --config RUN.yaml
     python training/pretrain.py --config RUN.yaml            # one process
     adaponder-train --config RUN.yaml                        # the same, installed
+    adaponder-train --config RUN.yaml --dry-run --world-size 8 --gpu-memory-gib 80   # the plan only
 
 The config is loaded, validated and checked against the number of ranks, the tokenizer and the
 DeepSpeed JSON before any process group starts. A run directory that holds a checkpoint resumes
@@ -14,7 +15,10 @@ from it. Exit status: 0 when training finished or stopped cleanly (exit_at_step,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -26,14 +30,37 @@ from data.tokenizer import load_tokenizer  # noqa: E402
 from model import AdaPonderConfig  # noqa: E402
 from training import distributed as dist  # noqa: E402
 from training import engine as ds  # noqa: E402
-from training.config import BatchPlan, RunConfig, load_config, plan_batches, resolve_path  # noqa: E402
-from training.trainer import NonFiniteLossError, Trainer, format_summary  # noqa: E402
+from training.config import (  # noqa: E402
+    BatchPlan,
+    RunConfig,
+    load_config,
+    plan_batches,
+    read_config,
+    resolve_path,
+)
+from training.memory import MemoryPlan, plan_memory  # noqa: E402
+from training.rank_status import RankStatus, failure_report  # noqa: E402
+from training.trainer import NonFiniteLossError, Trainer, format_summary, lock_run_dir  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="adaponder-train", description="Pretrain an AdaPonderLM model.")
     parser.add_argument("--config", help="run config YAML (defaults of training/config.py without)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by `deepspeed`
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the batch arithmetic and memory plan per rank, then exit",
+    )
+    parser.add_argument(
+        "--world-size", type=int, help="ranks to plan for with --dry-run (default: the launcher's, else 1)"
+    )
+    parser.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        help="device memory per rank for the largest micro-batch that fits "
+        "(default: this machine's GPU; none on CPU)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser.parse_args(argv)
 
@@ -44,6 +71,37 @@ def preflight(cfg: RunConfig, world_size: int) -> tuple[BatchPlan, dict]:
     check_vocabulary(cfg, cfg.model_config())
     ds_config = ds.load_ds_config(resolve_path(cfg.deepspeed_config, "deepspeed_config"), cfg, plan)
     return plan, ds_config
+
+
+def memory_plan(cfg: RunConfig, plan: BatchPlan, ds_config: dict) -> tuple[MemoryPlan, int]:
+    """The planner's figures per rank, and DeepSpeed's own model-states estimate beside them."""
+    memory = plan_memory(cfg.model_config(), cfg, plan.data_parallel_size, ds_config)
+    sizes = memory.sizes
+    estimate = ds.zero3_model_states_estimate(
+        sizes.total, max(sizes.layer, sizes.table), plan.data_parallel_size
+    )
+    return memory, estimate
+
+
+def describe_plan(cfg: RunConfig, plan: BatchPlan, ds_config: dict, gpu_memory_gib: float | None) -> str:
+    memory, estimate = memory_plan(cfg, plan, ds_config)
+    if gpu_memory_gib is None and ds.accelerator_memory_bytes():
+        gpu_memory_gib = ds.accelerator_memory_bytes() / 2**30
+    return f"batch: {plan.describe()}\n" + memory.describe(gpu_memory_gib, estimate)
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = read_config(args.config, args.overrides)
+        cfg.validate(check_data=False)  # plans on a machine without the data; the run checks it
+        plan = plan_batches(cfg, world_size)
+        ds_config = ds.load_ds_config(resolve_path(cfg.deepspeed_config, "deepspeed_config"), cfg, plan)
+    except ValueError as e:
+        print(f"adaponder-train: configuration error: {e}", file=sys.stderr)
+        return 2
+    print(describe_plan(cfg, plan, ds_config, args.gpu_memory_gib))
+    return 0
 
 
 def check_vocabulary(cfg: RunConfig, model_config: AdaPonderConfig) -> None:
@@ -60,6 +118,8 @@ def check_vocabulary(cfg: RunConfig, model_config: AdaPonderConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     world_size = dist.setup_environment()
     try:
         cfg = load_config(args.config, args.overrides)
@@ -69,16 +129,42 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ds.init_distributed()
     try:
-        trainer = Trainer(cfg, plan, ds_config)
-    except ValueError as e:  # a resume that does not fit, missing validation data, ...
+        # Before anything is written into the run directory (rank status files included): a second
+        # launch must not touch a live run's files.
+        lock = lock_run_dir(Path(cfg.run_dir))  # noqa: F841 (held for the life of the process)
+    except ValueError as e:
         print(f"adaponder-train: {e}", file=sys.stderr, flush=True)
         dist.shutdown()
         return 2
+    if dist.is_main_process():
+        print(describe_plan(cfg, plan, ds_config, args.gpu_memory_gib), flush=True)
+    status = RankStatus(
+        Path(cfg.run_dir),
+        dist.rank(),
+        world_size,
+        run_id=dist.broadcast_object(f"{os.getpid()}@{time.time()}"),
+    )
     try:
+        trainer = Trainer(cfg, plan, ds_config, status)
         dist.print0(format_summary(trainer.train()))
+    except ValueError as e:  # a resume that does not fit, missing validation data, ...
+        status.finish(e)
+        print(f"adaponder-train: {e}", file=sys.stderr, flush=True)
+        return 2
     except NonFiniteLossError as e:
+        status.finish(e)
         print(f"adaponder-train: {e}", file=sys.stderr, flush=True)
         return 1
+    except Exception as e:  # out of memory, a collective that failed because another rank died, ...
+        status.finish(e)
+        traceback.print_exc()
+        status.report(
+            f"adaponder-train: rank {dist.rank()} failed: {status.describe_self()}\n"
+            + failure_report(Path(cfg.run_dir), dist.rank(), world_size, status.run_id)
+        )
+        return 1
+    else:
+        status.finish()
     finally:
         dist.shutdown()
     return 0

@@ -1,10 +1,13 @@
 """Run-directory safety: one live run per directory (a lock) and durable writes (fsync).
 
-The lock is an `fcntl.flock` on `<run_dir>/run.lock`, held by global rank 0 for the life of the
-process: the kernel drops it when the process dies, however it dies, so a crashed run never leaves
-it behind. The file itself keeps the holder's pid and host, for the message a second launch gets.
-flock works on local file systems and on NFSv4 / Lustre mounted with locking; where a shared file
-system ignores locks, two launches on different hosts are not detected.
+The lock is a POSIX record lock (`fcntl.lockf`) on `<run_dir>/run.lock`, held by global rank 0 for
+the life of the process: the kernel drops it when the process dies, however it dies, so a crashed
+run never leaves it behind. Unlike `flock`, it is not inherited by forked children (data-loader
+workers), which can outlive a killed rank by seconds and would otherwise keep the lock. The file
+itself keeps the holder's pid and host, for the message a second launch gets. POSIX locks work on
+local file systems and on NFS / Lustre mounted with locking; where a shared file system ignores
+locks, two launches on different hosts are not detected. (A POSIX lock is also released when the
+holder closes *any* descriptor of the file, so nothing else in the process opens it.)
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             holder = Path(self.path).read_text().strip() or "a process that has not written its name yet"
             os.close(fd)
             raise ValueError(
@@ -41,7 +44,7 @@ class RunLock:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
+            os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
 
 

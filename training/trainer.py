@@ -35,8 +35,15 @@ from training import checkpoint
 from training import distributed as dist
 from training import engine as ds
 from training.config import BatchPlan, RunConfig, config_to_dict, dump_config
-from training.metrics import EvalMeter, MetricsWriter, TrainMeter, wandb_resume_environment
+from training.metrics import (
+    EvalMeter,
+    MetricsWriter,
+    TrainMeter,
+    detect_peak_tflops,
+    wandb_resume_environment,
+)
 from training.optim import param_groups, set_backbone_trainable, set_learning_rates
+from training.rank_status import RankStatus
 from training.rundir import RunLock, write_durable
 from training.schedule import Schedules, StepSettings
 
@@ -62,18 +69,33 @@ class TrainState:
     consumed_tokens: int = 0
 
 
+def lock_run_dir(run_dir: Path) -> RunLock | None:
+    """Rank 0 takes the run directory's lock (held while the returned object lives); a second
+    launch stops on every rank, before it writes anything into the directory."""
+    lock, error = None, None
+    if dist.is_main_process():
+        try:
+            lock = RunLock(run_dir)
+        except ValueError as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error:
+        raise ValueError(error)
+    return lock
+
+
 class Trainer:
     """Builds data, model and engine for one run (resuming when the run holds a checkpoint) and trains."""
 
-    def __init__(self, cfg: RunConfig, plan: BatchPlan, ds_config: dict[str, Any]):
+    def __init__(self, cfg: RunConfig, plan: BatchPlan, ds_config: dict[str, Any], status: RankStatus):
         self.cfg, self.plan, self.ds_config = cfg, plan, ds_config
+        self.status = status  # this rank's phase and memory, for the other ranks' failure reports
         self.run_dir = Path(cfg.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.device = ds.device()
         self.state = TrainState()
         self.model_config = cfg.model_config()
         self._seed_everything()
-        self._lock = self._lock_run_dir()
         resume_tag, resume_state = self._find_resume_point()
         self.datasets = self._build_datasets()
         model = ds.build_model(lambda: AdaPonderForCausalLM(self.model_config), ds_config)
@@ -108,6 +130,7 @@ class Trainer:
         mc = self.model_config
         num_gates = mc.num_passes - 1 if mc.adaptive else 0
         self.meter = TrainMeter(mc.num_passes, self.device, num_gates, mc.halt_threshold)
+        self.peak_flops = detect_peak_tflops(cfg.precision, cfg.logging.peak_tflops)
         self.writer = MetricsWriter(
             self.run_dir / "tensorboard",
             plan.train_steps,
@@ -130,19 +153,6 @@ class Trainer:
         random.seed(self.cfg.seed)
         np.random.seed(self.cfg.seed)
         torch.manual_seed(self.cfg.seed)
-
-    def _lock_run_dir(self) -> RunLock | None:
-        """Rank 0 holds the run directory's lock; a second launch stops on every rank."""
-        lock, error = None, None
-        if dist.is_main_process():
-            try:
-                lock = RunLock(self.run_dir)
-            except ValueError as e:
-                error = str(e)
-        error = dist.broadcast_object(error)
-        if error:
-            raise ValueError(error)
-        return lock
 
     def _write_resolved_config(self) -> None:
         if dist.is_main_process():
@@ -248,6 +258,7 @@ class Trainer:
             f"model: {total:,} parameters, {cfg.num_passes} passes, adaptive={cfg.adaptive}; "
             f"stored per rank: {self.parameter_counts['per_rank']}",
             f"initial weights: {self.provenance}",
+            f"MFU peak: {self.peak_flops.source}",
         ]
         if resume_tag is not None:
             how = "full state"
@@ -325,8 +336,10 @@ class Trainer:
             set_backbone_trainable(self.engine.module, self._backbone_trainable)
         losses = []
         accumulation = self.plan.gradient_accumulation_steps
+        step = self.state.step + 1
         for micro in range(accumulation):
             tokens_BT1 = next(batches).to(self.device, non_blocking=True)  # [mb, seq_len + 1]
+            self.status.enter("forward", step, micro)
             out = self.engine(
                 input_ids=tokens_BT1[:, :-1],
                 labels=tokens_BT1[:, 1:],
@@ -335,11 +348,13 @@ class Trainer:
                 ponder_k=settings.ponder_k,
                 dense=not self.cfg.ponder.sparse_training,
             )
+            self.status.enter("backward", step, micro)
             self.engine.backward(out.loss)
             losses.append(out.loss.detach())
             self.meter.add_micro_batch(out)
             if micro == accumulation - 1:
                 self._check_finite(torch.stack(losses))  # before the step that would apply them
+            self.status.enter("step", step, micro)
             self.engine.step()
         self.meter.add_step(self.engine.grad_norm())
 
@@ -389,7 +404,7 @@ class Trainer:
             "train/consumed_tokens": self.state.consumed_tokens,
             "perf/tokens_per_sec": m["tokens_per_sec"],
             "perf/tflops_per_rank": m["tflops_per_rank"],
-            "perf/mfu": m["tflops_per_rank"] / self.cfg.logging.peak_tflops,
+            "perf/mfu": m["tflops_per_rank"] / (self.peak_flops.tflops or float("nan")),
             "perf/peak_memory_gib": max(m["peak_memory_gib"]),
             "ponder/mean_passes": m["mean_passes"],
             "ponder/adaptive_flops_fraction": m["adaptive_flops_fraction"],
@@ -400,6 +415,7 @@ class Trainer:
 
     def _evaluate(self) -> None:
         """Validation on the same first `eval_samples` samples every time, dense (ZeRO-3)."""
+        self.status.enter("eval", self.state.step)
         valid = self.datasets["valid"]
         sampler = PretrainingSampler(
             self.cfg.logging.eval_samples,
@@ -435,6 +451,7 @@ class Trainer:
         }
 
     def _save(self) -> None:
+        self.status.enter("checkpoint", self.state.step)
         started = time.perf_counter()
         client_state = self._client_state()
         keep = self.cfg.checkpoint.keep_last

@@ -1,0 +1,241 @@
+"""The memory planner, the ZeRO sizes derived from the model, MFU's device peak, and the report that
+names a rank that died (a real 2-rank DeepSpeed run, one rank killed with SIGKILL mid-training)."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_training_run import command, environment, make_config
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from model import AdaPonderConfig, AdaPonderForCausalLM
+from training import metrics, pretrain
+from training.config import plan_batches, read_config
+from training.engine import load_ds_config, zero3_model_states_estimate
+from training.memory import activation_bytes, plan_memory
+from training.rank_status import read_statuses
+
+REPO = Path(__file__).resolve().parents[1]
+ZERO3 = REPO / "ds_configs" / "zero3.json"
+
+
+def tiny_run_config(hidden: int, vocab: int = 512):
+    return read_config(
+        None,
+        [
+            "model.preset=tiny",
+            f"model.overrides.hidden_size={hidden}",
+            f"model.overrides.intermediate_size={4 * hidden}",
+            f"model.overrides.vocab_size={vocab}",
+            "seq_len=32",
+            "micro_batch_size=2",
+            "global_batch_size=4",
+            "train_steps=1",
+            "precision=fp32",
+        ],
+    )
+
+
+@pytest.mark.parametrize("hidden", [64, 128])
+def test_zero3_buckets_follow_the_models_size(hidden):
+    cfg = tiny_run_config(hidden)
+    zero = load_ds_config(ZERO3, cfg, plan_batches(cfg, 2))["zero_optimization"]
+    model = AdaPonderForCausalLM(cfg.model_config())
+    layer = sum(p.numel() for p in model.gpt_neox.layers[0].parameters())
+    table = model.gpt_neox.embed_in.weight.numel()
+    assert zero["reduce_bucket_size"] == hidden * hidden
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * hidden * hidden)
+    assert zero["stage3_param_persistence_threshold"] == 10 * hidden
+    assert zero["stage3_max_reuse_distance"] == layer
+    assert zero["stage3_max_live_parameters"] == max(2 * table, 2 * layer)
+    assert zero["sub_group_size"] == 2 * table
+    # Biases and LayerNorms stay gathered; every D x D-or-larger matrix is partitioned.
+    threshold = zero["stage3_param_persistence_threshold"]
+    assert all(p.numel() < threshold for p in model.parameters() if p.ndim == 1)
+    assert all(p.numel() >= threshold for p in model.parameters() if p.ndim == 2 and min(p.shape) >= hidden)
+
+
+def test_explicit_bucket_sizes_are_kept_and_bad_ones_named(tmp_path):
+    ds = json.loads(ZERO3.read_text())
+    ds["zero_optimization"]["reduce_bucket_size"] = 12345
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    cfg = tiny_run_config(64)
+    zero = load_ds_config(path, cfg, plan_batches(cfg, 2))["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 12345 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    ds["zero_optimization"]["stage3_max_live_parameters"] = "lots"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ValueError, match=r"ds\.json: zero_optimization\.stage3_max_live_parameters must be"):
+        load_ds_config(path, cfg, plan_batches(cfg, 2))
+
+
+def test_zero2_gets_its_own_buckets():
+    cfg = tiny_run_config(128)
+    zero = load_ds_config(REPO / "ds_configs" / "zero2.json", cfg, plan_batches(cfg, 2))["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 128 * 128
+    assert not any(key.startswith("stage3_") for key in zero)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+def test_activation_estimate_matches_the_measured_forward_and_backward(checkpointing):
+    """torch's MemTracker counts every live tensor on CPU: the activations left at the end of the
+    forward, and the peak of forward + backward over the parameters."""
+    torch.manual_seed(0)
+    config = AdaPonderConfig.from_preset(
+        "tiny", hidden_size=128, intermediate_size=512, vocab_size=4096, num_hidden_layers=2
+    )
+    model = AdaPonderForCausalLM(config).train()
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    tokens_BT1 = torch.randint(0, config.vocab_size, (2, 129))
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        out = model(input_ids=tokens_BT1[:, :-1], labels=tokens_BT1[:, 1:], shift_labels=False)
+        after_forward = tracker.get_tracker_snapshot("current")[torch.device("cpu")]["Total"]
+        out.loss.backward()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    params = sum(p.numel() * 4 for p in model.parameters())
+    kept, transient = activation_bytes(config, tokens=2 * 128, dtype_bytes=4, checkpointing=checkpointing)
+    assert kept == pytest.approx(after_forward - params, rel=0.1)
+    assert kept + transient == pytest.approx(peak - params, rel=0.1)
+    # Checkpointing must matter, or the comparison above would not tell the two modes apart.
+    assert activation_bytes(config, 256, 4, True)[0] < 0.5 * activation_bytes(config, 256, 4, False)[0]
+
+
+def test_model_states_agree_with_deepspeeds_estimator():
+    """DeepSpeed's estimator counts 18 bytes per parameter for mixed precision (ours: bf16 weights
+    and gradients, fp32 master and Adam moments = 16) plus the largest layer in fp32."""
+    cfg = read_config(
+        None, ["model.preset=pythia-410m", "precision=bf16", "train_steps=1", "global_batch_size=8"]
+    )
+    plan = plan_batches(cfg, 8)
+    memory = plan_memory(cfg.model_config(), cfg, 8, load_ds_config(ZERO3, cfg, plan))
+    sizes = memory.sizes
+    assert sizes.total == sum(p.numel() for p in _meta_model("pythia-410m").parameters())
+    largest = max(sizes.layer, sizes.table)
+    deepspeed_states = zero3_model_states_estimate(sizes.total, largest, 8) - 4 * largest
+    ours = sum(memory.states.values())
+    assert ours / deepspeed_states == pytest.approx(16 / 18, rel=0.01)
+
+
+def _meta_model(preset: str) -> AdaPonderForCausalLM:
+    with torch.device("meta"):
+        return AdaPonderForCausalLM(AdaPonderConfig.from_preset(preset))
+
+
+def test_planned_micro_batch_fits_and_the_next_does_not():
+    cfg = read_config(
+        None,
+        [
+            "model.preset=pythia-160m",
+            "precision=bf16",
+            "train_steps=1",
+            "global_batch_size=8",
+            "seq_len=2048",
+        ],
+    )
+    plan = plan_batches(cfg, 8)
+    memory = plan_memory(cfg.model_config(), cfg, 8, load_ds_config(ZERO3, cfg, plan))
+    budget = 80 * 2**30
+    for checkpointing in (True, False):
+        best = memory.max_micro_batch(budget, checkpointing)
+        assert best >= 1
+        assert memory.peak(best, checkpointing) <= 0.9 * budget - 2**30 < memory.peak(best + 1, checkpointing)
+    assert memory.max_micro_batch(budget, True) > memory.max_micro_batch(budget, False)
+
+
+def test_dry_run_prints_the_plan_without_data(capsys):
+    code = pretrain.main(
+        [
+            "--config",
+            str(REPO / "configs" / "pythia-410m.yaml"),
+            "--dry-run",
+            "--world-size",
+            "8",
+            "--gpu-memory-gib",
+            "80",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    recipe = read_config(REPO / "configs" / "pythia-410m.yaml")
+    assert f"batch: {plan_batches(recipe, 8).describe()}" in out  # tokens per step and steps
+    assert "parameters 417,941,507" in out
+    for text in (
+        "model states on the device",
+        "DeepSpeed's estimate",
+        "activations for 4 passes with checkpointing on",
+        "activations for 4 passes with checkpointing off",
+        "largest micro-batch in 80 GiB",
+    ):
+        assert text in out
+
+
+def test_peak_tflops_comes_from_the_device(monkeypatch):
+    assert read_config(None, ["train_steps=1"]).logging.peak_tflops is None  # no config has to carry one
+    assert metrics.detect_peak_tflops("bf16", 123.0).tflops == 123.0
+    cpu = metrics.detect_peak_tflops("fp32")
+    assert cpu.tflops > 0 and cpu.source.startswith("CPU estimate")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, precision, expected in [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.0),
+        ("NVIDIA H100 PCIe", "bf16", 756.0),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("NVIDIA A100-SXM4-80GB", "fp32", 19.5),
+        ("NVIDIA H200", "bf16", 989.0),
+        ("NVIDIA L4", "bf16", 121.0),
+        ("NVIDIA L40S", "bf16", 362.0),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
+        assert metrics.detect_peak_tflops(precision).tflops == expected, name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Mystery Accelerator 9000")
+    unknown = metrics.detect_peak_tflops("bf16")
+    assert unknown.tflops is None and "logging.peak_tflops" in unknown.source
+
+
+def test_a_killed_rank_is_named_by_the_survivor(tmp_path, train_shards):
+    """SIGKILL (what the kernel's OOM killer sends) to rank 1 mid-training: rank 0 reports which rank
+    died, the phase it was in and its peak memory, on stderr and in ranks/failure.txt."""
+    config = make_config(
+        tmp_path, train_shards, "killed", train_steps=400, logging__eval_interval=0, checkpoint__interval=0
+    )
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        command(config), env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        victim = _wait_for_step(run, rank=1, step=3, proc=proc)
+        os.kill(victim["pid"], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    failure = (run / "ranks" / "failure.txt").read_text()
+    assert "[reported by rank 0" in failure
+    for text in (failure, stderr):
+        assert "rank 1 died (its process is gone" in text, text[-3000:]
+        assert f"pid {victim['pid']}" in text
+        assert "peak" in text and "GiB" in text
+    described = failure.split("rank 1 died", 1)[1]
+    assert any(f"was in {phase} of step" in described for phase in ("forward", "backward", "step"))
+
+
+def _wait_for_step(run: Path, rank: int, step: int, proc: subprocess.Popen, timeout: float = 240) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        record = read_statuses(run).get(rank)
+        if (
+            record
+            and (record.get("step") or 0) >= step
+            and record.get("phase") in ("forward", "backward", "step")
+        ):
+            return record
+        time.sleep(0.05)
+    raise AssertionError(f"rank {rank} did not reach step {step}")

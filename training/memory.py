@@ -1,0 +1,331 @@
+"""Memory per rank, planned before a run starts, and the ZeRO sizes derived from the model.
+
+Bytes per rank of a DeepSpeed ZeRO-3 run of N ranks with P parameters (p = bytes of the parameter
+dtype: 4 for fp32, 2 for bf16):
+
+    model states    weights p x P/N (plus "persistent" small tensors, whole on every rank),
+                    gradient partitions p x P/N, fp32 master copy 4 x P/N (also in fp32: DeepSpeed
+                    clones), Adam moments 8 x P/N
+    gathered        the largest set of full tensors live at once, and in backward their full
+                    gradients before the reduce-scatter: the two vocabulary tables of the pondering
+                    mixture (softmax(embed_out(h)) @ embed_in), whose gradients autograd accumulates
+                    over the K passes, or one layer plus the prefetch bucket (MemoryPlan.gathered)
+    buckets         the gradient reduce bucket (reduce_bucket_size elements of dtype p)
+    step            the optimizer step's transients: DeepSpeed flattens the gradient partition
+                    into an fp32 copy, torch's AdamW makes two more partition-sized temporaries
+    activations     what autograd keeps at the end of the forward of one micro-batch, for K passes
+                    (below), plus the largest transient of the backward: the loss's [T, V] gradient,
+                    or under activation checkpointing the recomputed mixture of one pass
+
+Activations, per token of the micro-batch (D hidden, I MLP width, G gate width, V vocabulary, L
+layers, K passes), from what each operation of model/modeling.py saves for backward:
+
+    one layer, first pass       10 D + 2 I (x, two LayerNorm outputs, q|k|v, rotated q and k, the
+                                attention output and its reshaped copy, MLP input and GELU output)
+    one layer, later passes      8 D + 2 I (K/V alignment: `where` makes new k, v; the fused q|k|v
+                                output is freed)
+    between passes               3 D + 2 G (final-norm input and output, mixture, gate MLP) plus
+                                the mixture's fp32 softmax [V] (and its bf16 copy in bf16)
+    after the last pass          3 D + the logits [V] (kept by the output) + fp32 log-softmax [V]
+
+Under activation checkpointing a layer keeps only its input x and, after the first pass, the
+previous pass's aligned K/V (3 D), and the mixture is recomputed in backward (model/modeling.py),
+so no [V] tensor is kept between passes. The formulas were checked against torch's MemTracker on
+CPU for tiny configs (tests/test_memory.py) and against measured peaks of 2-rank ZeRO-3 runs
+(benchmarks/bench_memory.py; BENCHMARKS.md "Memory"). On a GPU add the CUDA context (~0.5-1 GiB)
+and allocator fragmentation: the "fits" figure keeps 10% and 1 GiB in reserve.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model import AdaPonderConfig, AdaPonderForCausalLM
+
+GIB = 2**30
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Parameter counts (elements) that decide gathering and bucket sizes."""
+
+    total: int
+    layer: int  # one transformer block
+    table: int  # one vocabulary table (embed_in or embed_out): V x D
+    largest_tensor: int
+    tensors: tuple[int, ...]  # every parameter's element count
+
+    def persistent(self, threshold: int) -> int:
+        """Elements ZeRO-3 keeps whole on every rank: tensors below the persistence threshold."""
+        return sum(n for n in self.tensors if n < threshold)
+
+
+def model_sizes(config: AdaPonderConfig) -> ModelSizes:
+    """Exact counts from the model built on the meta device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        model = AdaPonderForCausalLM(config)
+    tensors = tuple(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.gpt_neox.layers[0].parameters())
+    return ModelSizes(
+        total=sum(tensors),
+        layer=layer,
+        table=config.vocab_size * config.hidden_size,
+        largest_tensor=max(tensors),
+        tensors=tensors,
+    )
+
+
+def zero_buckets(config: AdaPonderConfig, stage: int) -> dict[str, int]:
+    """ZeRO communication buckets and ZeRO-3 gathering limits (elements), from the model's size.
+
+    Buckets follow DeepSpeed's / transformers' convention (reduce D^2, prefetch 0.9 D^2, persistent
+    below 10 D: biases and LayerNorms stay gathered). Live parameters are capped at what one step
+    needs at once: both vocabulary tables for the pondering mixture, or a layer and the next. The
+    reuse distance is one layer: with K passes every layer is used again within one pass's
+    parameters, and the DeepSpeed default (1e9 elements) kept the whole gathered model live. The
+    optimizer steps over sub-groups of at most two vocabulary tables' worth of this rank's
+    partition, so that its fp32 gradient copy and Adam temporaries stay that size (DeepSpeed's
+    default, 1e9, is the whole partition below 1B parameters per rank).
+    """
+    d = config.hidden_size
+    if stage != 3:
+        return {"reduce_bucket_size": d * d, "allgather_bucket_size": d * d}
+    sizes = model_sizes(config)
+    return {
+        "reduce_bucket_size": d * d,
+        "stage3_prefetch_bucket_size": int(0.9 * d * d),
+        "stage3_param_persistence_threshold": 10 * d,
+        "stage3_max_live_parameters": max(2 * sizes.table, 2 * sizes.layer),
+        "stage3_max_reuse_distance": sizes.layer,
+        "sub_group_size": 2 * sizes.table,
+    }
+
+
+def activation_bytes(
+    config: AdaPonderConfig, tokens: int, dtype_bytes: int, checkpointing: bool
+) -> tuple[int, int]:
+    """(kept at the end of the forward, extra transient peak in backward) for `tokens` tokens."""
+    d, i, g, v = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.gate_intermediate_size,
+        config.vocab_size,
+    )
+    k, layers = config.num_passes, config.num_hidden_layers
+    p = dtype_bytes
+    later = k - 1  # passes after the first
+    stats = FP32 * (config.num_attention_heads + 4)  # attention log-sum-exp, LayerNorm mean/rstd (fp32)
+    if checkpointing:
+        per_layer = k * d * p + (2 * d * p * later if config.adaptive else 0)
+    else:
+        first = (10 * d + 2 * i) * p + stats
+        rest = ((8 * d + 2 * i) * p + stats) if config.adaptive else first
+        per_layer = first + later * rest
+    gate = (2 * g * p + 2 * FP32) if config.adaptive else 0
+    mixture_saved = 0 if checkpointing else FP32 * v + (v * p if p != FP32 else 0)
+    between = 3 * d * p + gate + mixture_saved
+    last = 3 * d * p + v * p + FP32 * v
+    kept = layers * per_layer + later * between + last
+    # Backward: the loss's gradient [V] in fp32 and the logits' gradient (and its cast).
+    loss_transient = 2 * FP32 * v + (v * p if p != FP32 else 0)
+    transient = loss_transient
+    if checkpointing and later:
+        # Recomputed mixture: logits, softmax, grad of P, grad of the logits (fp32; bf16 casts) while
+        # the final log-softmax has been freed.
+        recompute = (v * p + 3 * FP32 * v + (2 * v * p if p != FP32 else 0)) - FP32 * v
+        transient = max(transient, recompute)
+    return kept * tokens, transient * tokens
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per rank for one run; `describe()` is what --dry-run and every run's start print."""
+
+    config: AdaPonderConfig
+    sizes: ModelSizes
+    world_size: int
+    micro_batch: int
+    seq_len: int
+    precision: str
+    checkpointing: bool
+    zero: dict[str, Any]  # the filled zero_optimization section
+    # Filled in __post_init__.
+    states: dict[str, int] = field(default_factory=dict)  # on the accelerator between steps
+    host_states: dict[str, int] = field(default_factory=dict)  # offloaded to CPU memory
+    nvme_states: dict[str, int] = field(default_factory=dict)  # offloaded to local disk
+
+    def __post_init__(self) -> None:
+        n, p, sizes = self.world_size, self.dtype_bytes, self.sizes
+        shard = math.ceil(sizes.total / n)
+        persistent = sizes.persistent(int(self.zero.get("stage3_param_persistence_threshold", 0)))
+        # ZeRO-1 partitions the optimizer states, ZeRO-2 also the gradients, ZeRO-3 also the weights.
+        stage = self.stage
+        resident = math.ceil((sizes.total - persistent) / n) + persistent if stage == 3 else sizes.total
+        weights = {"weights": p * resident}
+        grads = p * (sizes.total if stage == 1 else shard)
+        optim = {"gradients": grads, "fp32 master": FP32 * shard, "Adam moments": 2 * FP32 * shard}
+        for where, group in (("offload_param", weights), ("offload_optimizer", optim)):
+            device = self.zero.get(where, {}).get("device", "none")
+            {"cpu": self.host_states, "nvme": self.nvme_states}.get(device, self.states).update(group)
+        # NVMe offload swaps through buffers in CPU memory: parameters buffer_count x buffer_size
+        # elements; the optimizer one sub-group (master, moments, gradient) per buffer.
+        offload_param = self.zero.get("offload_param", {})
+        if offload_param.get("device") == "nvme":
+            size = int(offload_param.get("buffer_size", sizes.largest_tensor))
+            self.host_states["parameter swap buffers"] = int(offload_param.get("buffer_count", 5)) * size * p
+        offload_optimizer = self.zero.get("offload_optimizer", {})
+        if offload_optimizer.get("device") == "nvme":
+            group_size = min(shard, int(self.zero.get("sub_group_size", 10**9)))
+            count = int(offload_optimizer.get("buffer_count", 4))
+            self.host_states["optimizer swap buffers"] = count * group_size * FP32
+
+    @property
+    def stage(self) -> int:
+        return int(self.zero.get("stage", 3))
+
+    @property
+    def dtype_bytes(self) -> int:
+        return 2 if self.precision == "bf16" else FP32
+
+    def gathered(self, phase: str) -> int:
+        """Full (gathered) weights live at once in `phase`, and in backward the full gradients that
+        autograd holds before DeepSpeed reduce-scatters them.
+
+        Forward: both vocabulary tables for the mixture, or a layer and the prefetch bucket.
+        Backward (K > 1): embed_in and embed_out are used in every pass, so autograd accumulates a
+        full [V, D] gradient for each from the first use it meets until the last (2 tables), and
+        each recomputed mixture adds both tables' weights, two new [V, D] contributions and their
+        sum (5 tables; measured on CPU with torch's MemTracker at 70m: 5.3 tables of temporaries),
+        or, in a layer, its weights and gradients.
+        """
+        if self.stage != 3:
+            return 0  # ZeRO-1/2 keep every weight on every rank (counted in the model states)
+        prefetch = int(self.zero.get("stage3_prefetch_bucket_size", 0))
+        table, layer = self.sizes.table, self.sizes.layer + prefetch
+        if phase == "forward":
+            elements = max(2 * table, layer)
+        elif self.config.num_passes > 1:
+            elements = 2 * table + max(5 * table, 2 * layer)
+        else:
+            elements = 2 * max(table, layer)
+        return elements * self.dtype_bytes
+
+    @property
+    def buckets(self) -> int:
+        return int(self.zero.get("reduce_bucket_size", 0)) * self.dtype_bytes
+
+    @property
+    def step_transient(self) -> int:
+        """DeepSpeed's flattened fp32 gradient and torch AdamW's two temporaries (the square root
+        of the second moment, the update), per partition (per sub-group when offloaded)."""
+        if "fp32 master" not in self.states:
+            return 0
+        sub_group = int(self.zero.get("sub_group_size", 10**9))
+        return 3 * FP32 * min(math.ceil(self.sizes.total / self.world_size), sub_group)
+
+    def activations(
+        self, micro_batch: int | None = None, checkpointing: bool | None = None
+    ) -> tuple[int, int]:
+        tokens = (self.micro_batch if micro_batch is None else micro_batch) * self.seq_len
+        ckpt = self.checkpointing if checkpointing is None else checkpointing
+        return activation_bytes(self.config, tokens, self.dtype_bytes, ckpt)
+
+    def phase_peaks(
+        self, micro_batch: int | None = None, checkpointing: bool | None = None, host: bool = False
+    ) -> dict[str, int]:
+        """Planned peak of each phase on the accelerator; with `host`, plus what is offloaded to
+        CPU memory (a CPU-only run holds both in the same memory)."""
+        states = sum(self.states.values()) + (sum(self.host_states.values()) if host else 0)
+        kept, transient = self.activations(micro_batch, checkpointing)
+        return {
+            "init": states,
+            "forward": states + self.gathered("forward") + kept,
+            "backward": states + self.gathered("backward") + self.buckets + kept + transient,
+            "step": states + self.step_transient,
+        }
+
+    def peak(
+        self, micro_batch: int | None = None, checkpointing: bool | None = None, host: bool = False
+    ) -> int:
+        return max(self.phase_peaks(micro_batch, checkpointing, host).values())
+
+    def max_micro_batch(self, device_bytes: int, checkpointing: bool | None = None) -> int:
+        """The largest micro-batch whose planned peak leaves 10% and 1 GiB of `device_bytes` free."""
+        usable = 0.9 * device_bytes - GIB
+        fixed, one = self.phase_peaks(0, checkpointing), self.phase_peaks(1, checkpointing)
+        if any(value > usable for value in fixed.values()):
+            return 0
+        # Each phase's peak is linear in the micro-batch (activations); the model states are not.
+        return min(
+            int((usable - fixed[phase]) // (one[phase] - fixed[phase]))
+            for phase in fixed
+            if one[phase] > fixed[phase]
+        )
+
+    def activation_per_sample(self, checkpointing: bool | None = None) -> int:
+        kept, transient = self.activations(1, checkpointing)
+        return kept + transient
+
+    def describe(self, device_gib: float | None = None, ds_estimate: int | None = None) -> str:
+        g = GIB
+        c, s = self.config, self.sizes
+        ckpt = "on" if self.checkpointing else "off"
+        lines = [
+            f"memory plan per rank: ZeRO-{self.stage} over {self.world_size} ranks, {self.precision}, "
+            f"micro-batch {self.micro_batch} x {self.seq_len} tokens, K={c.num_passes} passes, "
+            f"activation checkpointing {ckpt}",
+            f"  parameters {s.total:,} (one layer {s.layer:,}; vocabulary table {s.table:,}); "
+            f"per rank {math.ceil(s.total / self.world_size):,}",
+        ]
+        for name, group in (("on the device", self.states), ("in CPU memory", self.host_states)):
+            if group:
+                parts = ", ".join(f"{k} {v / g:.2f}" for k, v in group.items())
+                lines.append(f"  model states {name}: {sum(group.values()) / g:.2f} GiB ({parts})")
+        if self.nvme_states:
+            lines.append(f"  model states on NVMe: {sum(self.nvme_states.values()) / g:.2f} GiB")
+        if ds_estimate is not None:
+            lines.append(
+                f"  DeepSpeed's estimate (estimate_zero3_model_states_mem_needs, mixed precision, no "
+                f"offload): {ds_estimate / g:.2f} GiB"
+            )
+        lines.append(
+            f"  gathered weights {self.gathered('forward') / g:.2f} GiB in forward, with full gradients "
+            f"{self.gathered('backward') / g:.2f} GiB in backward; reduce bucket "
+            f"{self.buckets / g:.3f} GiB; optimizer-step transients {self.step_transient / g:.2f} GiB"
+        )
+        for flag in (self.checkpointing, not self.checkpointing):
+            kept, transient = self.activations(checkpointing=flag)
+            lines.append(
+                f"  activations for {c.num_passes} passes with checkpointing {'on' if flag else 'off'}: "
+                f"{kept / g:.2f} GiB kept + {transient / g:.2f} GiB backward transient "
+                f"-> peak {self.peak(checkpointing=flag) / g:.2f} GiB"
+                + ("  <- this run" if flag == self.checkpointing else "")
+            )
+        peaks = ", ".join(f"{k} {v / g:.2f}" for k, v in self.phase_peaks().items())
+        lines.append(f"  planned peak {self.peak() / g:.2f} GiB ({peaks})")
+        if device_gib:
+            fits = [f"{self.max_micro_batch(int(device_gib * g), flag)}" for flag in (True, False)]
+            lines.append(
+                f"  largest micro-batch in {device_gib:g} GiB: {fits[0]} with activation checkpointing, "
+                f"{fits[1]} without"
+            )
+        return "\n".join(lines)
+
+
+def plan_memory(config: AdaPonderConfig, cfg: Any, world_size: int, ds_config: dict[str, Any]) -> MemoryPlan:
+    """The plan of run config `cfg` (training.config.RunConfig) on `world_size` ranks."""
+    return MemoryPlan(
+        config=config,
+        sizes=model_sizes(config),
+        world_size=world_size,
+        micro_batch=cfg.micro_batch_size,
+        seq_len=cfg.seq_len,
+        precision=cfg.precision,
+        checkpointing=cfg.activation_checkpointing,
+        zero=ds_config.get("zero_optimization", {}),
+    )

@@ -1,0 +1,319 @@
+"""What every rank is doing and how much memory it holds, on disk, so that a dead rank can be named.
+
+Each rank writes `<run_dir>/ranks/rank-<r>.json` when it enters a phase (init, forward, backward,
+step, eval, checkpoint) and every `heartbeat_s` seconds from a thread: phase, step, micro-batch,
+resident memory now, its peak within the phase and over the run, and the accelerator allocator's
+figures on a GPU. When the kernel's OOM killer (SIGKILL) ends a rank, the others only see a
+collective fail ("connection reset by peer") or hang; the watchdog thread of every rank notices the
+peer's process is gone (same host: its pid; another host: its heartbeat stops) and prints which
+rank died, what it was doing and its last measured peak, and writes the same to
+`<run_dir>/ranks/failure.txt`. A rank that catches an exception records it ("failed") before
+exiting, so that the others report that instead.
+
+Per-phase peaks on CPU come from the kernel's resident-size high-water mark (VmHWM), reset at
+each phase entry through /proc/self/clear_refs; on a GPU from the caching allocator's peak,
+reset the same way. The first `breakdown_steps` steps' figures are kept per phase ("breakdown").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GIB = 2**30
+STATUS_DIR = "ranks"
+FINISHED = ("exited", "failed")
+# The process's peaks over the run; per-phase resets of the kernel's and allocator's marks lose them.
+_RUN_PEAK = {"peak_rss_gib": 0.0, "device_peak_gib": 0.0}
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def resident_gib() -> float:
+    """This process's resident set size now (Linux; 0 elsewhere)."""
+    kib = _proc_status_kib("VmRSS")
+    return (kib or 0) / 2**20
+
+
+def _reset_peak() -> bool:
+    """Start a new high-water mark of resident memory (and of the GPU allocator's peak)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def memory_now() -> dict[str, float]:
+    """Resident size now and its peak since the last reset; the GPU allocator's, when there is one."""
+    figures = {"rss_gib": resident_gib(), "peak_rss_gib": (_proc_status_kib("VmHWM") or 0) / 2**20}
+    if torch.cuda.is_available():
+        figures["device_allocated_gib"] = torch.cuda.memory_allocated() / GIB
+        figures["device_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+        figures["device_reserved_gib"] = torch.cuda.memory_reserved() / GIB
+    return figures
+
+
+def run_peak_gib() -> float:
+    """Peak memory of this process so far: the GPU allocator's on a GPU, else the resident size."""
+    figures = memory_now()
+    _note_peaks(figures)
+    return _RUN_PEAK["device_peak_gib" if torch.cuda.is_available() else "peak_rss_gib"]
+
+
+def _note_peaks(figures: dict[str, float]) -> None:
+    for name in _RUN_PEAK:
+        _RUN_PEAK[name] = max(_RUN_PEAK[name], figures.get(name, 0.0))
+
+
+def status_path(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / STATUS_DIR / f"rank-{rank}.json"
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+class RankStatus:
+    """This rank's status file, heartbeat and watchdog over the other ranks."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        world_size: int,
+        run_id: str = "",
+        heartbeat_s: float = 2.0,
+        breakdown_steps: int = 2,
+        abort_after_s: float = 60.0,
+    ):
+        self.run_dir, self.rank, self.world_size = Path(run_dir), rank, world_size
+        self.path = status_path(run_dir, rank)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._heartbeat_s, self._breakdown_steps, self._abort_after_s = (
+            heartbeat_s,
+            breakdown_steps,
+            abort_after_s,
+        )
+        self._lock = threading.Lock()
+        self._record: dict[str, Any] = {
+            "rank": rank,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "run_id": run_id,
+            "started": time.time(),
+            "baseline_rss_gib": resident_gib(),  # before the model is built
+            "breakdown": {},
+        }
+        self.run_id = run_id
+        self._reported = False
+        self._stop = threading.Event()
+        self.enter("init")
+        self._thread = threading.Thread(target=self._watch, name="rank-status", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------------------------------------
+    # This rank.
+
+    def enter(self, phase: str, step: int | None = None, micro: int | None = None) -> None:
+        """Close the current phase (its memory figures) and start `phase` of `step` / `micro`."""
+        with self._lock:
+            self._close_phase()
+            _reset_peak()
+            self._record.update(phase=phase, step=step, micro=micro, since=time.time())
+            self._refresh()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The rank leaves: cleanly ("exited") or with `error` ("failed"), which the others report."""
+        self._stop.set()
+        with self._lock:
+            self._close_phase()
+            if error is not None:
+                self._record["failed_in"] = {k: self._record.get(k) for k in ("phase", "step", "micro")}
+                self._record["error"] = f"{type(error).__name__}: {error}"[:2000]
+            self._record.update(phase="failed" if error is not None else "exited", since=time.time())
+            self._refresh()
+
+    def describe_self(self) -> str:
+        with self._lock:
+            return describe_rank(dict(self._record))
+
+    def _close_phase(self) -> None:
+        phase = self._record.get("phase")
+        if phase is None or phase in FINISHED:
+            return
+        figures = memory_now()
+        _note_peaks(figures)
+        step = self._record.get("step")
+        if step is None or step <= self._breakdown_steps:
+            key = phase if step is None else f"{phase}@{step}"
+            kept = self._record["breakdown"].setdefault(key, {})
+            for name, value in figures.items():
+                kept[name] = max(kept.get(name, 0.0), value)
+
+    def _refresh(self) -> None:
+        figures = memory_now()
+        _note_peaks(figures)
+        self._record.update(figures, run_peak_rss_gib=_RUN_PEAK["peak_rss_gib"], updated=time.time())
+        if torch.cuda.is_available():
+            self._record["run_peak_device_gib"] = _RUN_PEAK["device_peak_gib"]
+        _write_json(self.path, self._record)
+
+    # ----------------------------------------------------------------------------------------------
+    # The other ranks.
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._heartbeat_s):
+            with self._lock:
+                self._refresh()
+            if self._reported:
+                continue
+            report = peer_failure_report(
+                self.run_dir, self.rank, self.world_size, 10 * self._heartbeat_s, self.run_id
+            )
+            if report is not None:
+                self.report(report)
+                threading.Thread(target=self._abort_later, daemon=True).start()
+
+    def report(self, text: str) -> None:
+        """Print the failure report once (stderr, through the launcher) and keep it in the run dir."""
+        if self._reported:
+            return
+        self._reported = True
+        print(f"[rank {self.rank}] {text}", file=sys.stderr, flush=True)
+        try:
+            with open(self.run_dir / STATUS_DIR / "failure.txt", "a") as f:
+                f.write(f"[reported by rank {self.rank} at {time.strftime('%Y-%m-%d %H:%M:%S')}]\n{text}\n")
+        except OSError:
+            pass
+
+    def _abort_later(self) -> None:
+        """A collective with a dead peer can hang for the backend's timeout (NCCL: 30 min): leave."""
+        if self._stop.wait(self._abort_after_s):
+            return
+        print(
+            f"[rank {self.rank}] exiting: another rank is gone and this rank has not returned from "
+            f"'{self._record.get('phase')}' in {self._abort_after_s:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+
+def read_statuses(run_dir: Path, run_id: str | None = None) -> dict[int, dict[str, Any]]:
+    """Every rank's last status (of this run only, when `run_id` is given: a resumed run's
+    directory still holds the previous job's files until each rank writes its own)."""
+    statuses = {}
+    for path in sorted((Path(run_dir) / STATUS_DIR).glob("rank-*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if run_id is None or record.get("run_id") == run_id:
+            statuses[int(record["rank"])] = record
+    return statuses
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has died; its parent has not collected it yet
+
+
+def rank_gone(record: dict[str, Any], stale_s: float) -> str | None:
+    """Why a rank that has not exited cleanly is no longer running, or None while it runs."""
+    if record.get("phase") == "failed":
+        return "failed"
+    if record.get("phase") == "exited":
+        return None
+    if record.get("host") == socket.gethostname():
+        return None if _process_alive(int(record["pid"])) else "died"
+    age = time.time() - float(record.get("updated", 0))
+    return f"silent for {age:.0f} s" if age > stale_s else None
+
+
+def describe_rank(record: dict[str, Any]) -> str:
+    where = record.get("failed_in") or record
+    doing = where.get("phase")
+    if where.get("step") is not None:
+        doing = f"{doing} of step {where['step']}"
+    if where.get("micro") is not None:
+        doing += f", micro-batch {where['micro']}"
+    since = time.time() - float(record.get("since", time.time()))
+    text = (
+        f"rank {record['rank']} (pid {record['pid']} on {record['host']}) was in {doing}; "
+        f"resident memory {record.get('rss_gib', 0):.2f} GiB at its last report "
+        f"({time.time() - float(record.get('updated', 0)):.0f} s ago), "
+        f"peak {record.get('run_peak_rss_gib', 0):.2f} GiB"
+    )
+    if "run_peak_device_gib" in record:
+        text += f", accelerator peak {record['run_peak_device_gib']:.2f} GiB"
+    if record.get("phase") == "failed":
+        text += f"; it failed with {record.get('error')}"
+    elif since > 0 and record.get("phase") not in FINISHED:
+        text += f"; {since:.0f} s in that phase"
+    return text
+
+
+def peer_failure_report(
+    run_dir: Path, rank: int, world_size: int, stale_s: float, run_id: str | None = None
+) -> str | None:
+    """A report naming every other rank that has died or failed, or None while all run."""
+    statuses = read_statuses(run_dir, run_id)
+    gone = []
+    for other in range(world_size):
+        if other == rank or other not in statuses:
+            continue
+        why = rank_gone(statuses[other], stale_s)
+        if why is not None:
+            gone.append((other, why))
+    if not gone:
+        return None
+    lines = []
+    for other, why in gone:
+        record = statuses[other]
+        cause = why
+        if why == "died":
+            cause = (
+                "died (its process is gone: a SIGKILL, e.g. the kernel's OOM killer, leaves no error; "
+                "see dmesg)"
+            )
+        lines.append(f"rank {other} {cause}: {describe_rank(record)}")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB if hasattr(os, "sysconf") else 0
+    lines.append(
+        f"host memory {total:.1f} GiB; this rank ({rank}) holds {resident_gib():.2f} GiB; "
+        "a collective error on the surviving ranks follows from this"
+    )
+    return "\n".join(lines)
+
+
+def failure_report(run_dir: Path, rank: int, world_size: int, run_id: str, stale_s: float = 20.0) -> str:
+    """For a rank that caught an error: the other ranks' fate, or their last status if all run."""
+    report = peer_failure_report(run_dir, rank, world_size, stale_s, run_id)
+    if report is not None:
+        return report
+    statuses = read_statuses(run_dir, run_id)
+    others = [describe_rank(statuses[r]) for r in sorted(statuses) if r != rank]
+    return "no other rank is known to have failed; their last status: " + ("; ".join(others) or "none")
