@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from tests.test_training_run import REPO, _free_port, environment
+from test_training_run import REPO, _free_port, environment
 
 
 @pytest.fixture(scope="module", params=["plain", "checkpointing"])

@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 import pytest
-
-from tests.test_training_run import REPO, environment
+from test_training_run import REPO, environment
 
 
 @pytest.mark.slow
