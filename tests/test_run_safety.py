@@ -261,3 +261,20 @@ def test_the_lock_dies_with_its_holder_even_while_a_forked_child_lives(tmp_path)
     )
     assert holder.stdout == "locked\n" and holder.returncode == -signal.SIGKILL
     RunLock(tmp_path).close()  # the child still sleeps, and the directory is free
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero2"])
+def test_zero1_and_zero2_checkpoints_pass_the_safe_loader_and_resume(tmp_path, train_shards, stage):
+    # Their optimizer shards hold DeepSpeed's fragment_address dataclass: refused before it was allowed.
+    config = make_config(
+        tmp_path,
+        train_shards,
+        stage,
+        train_steps=3,
+        deepspeed_config=str(REPO / "ds_configs" / f"{stage}.json"),
+        logging__eval_interval=0,
+    )
+    train(config, "exit_at_step=2", nproc=1)
+    resumed = train(config, nproc=1)
+    assert "resumed from" in resumed.stdout and "step-00000002" in resumed.stdout
+    assert summary(run_dir(config))["status"] == "finished"

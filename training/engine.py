@@ -254,9 +254,11 @@ def full_shape(param: nn.Parameter) -> torch.Size:
 
 def _checkpoint_globals() -> list[Any]:
     """The only non-tensor types DeepSpeed's checkpoint files hold (fp32/bf16, ZeRO 1-3): the loss
-    scaler and stage enum of the optimizer state, and numpy arrays (NumPy's RNG state)."""
+    scaler and stage enum of the optimizer state, ZeRO-1/2's parameter-slice addresses (a dataclass
+    of two ints), and numpy arrays (NumPy's RNG state)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     try:
         from numpy._core.multiarray import _reconstruct  # NumPy 2
@@ -272,6 +274,7 @@ def _checkpoint_globals() -> list[Any]:
         LossScaler,
         DynamicLossScaler,
         ZeroStageEnum,
+        fragment_address,
     ]
 
 
