@@ -13,9 +13,10 @@ from pathlib import Path
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from experiments.arms import SMOKE, arms, run_name
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # experiments/ is a directory of the repository, not an installed package
+from experiments.arms import SMOKE, arms, run_name  # noqa: E402
+
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
