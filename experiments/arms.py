@@ -7,6 +7,7 @@ data order (`data.seed`), so the spread over seeds covers both.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,16 +111,46 @@ class Arm:
         return bool(self.model.get("adaptive"))
 
 
+def dense_flops_per_token(scale: Scale, **model: Any) -> float:
+    """Forward FLOPs per token of a `seq_len` window with every pass run (the model's own count)."""
+    import torch
+
+    from model import AdaPonderConfig
+    from model.modeling import forward_flops
+
+    config = AdaPonderConfig.from_preset("tiny", vocab_size=scale.vocab_size, **{**scale.model, **model})
+    active_KBT = torch.ones(config.num_passes, 1, scale.seq_len, dtype=torch.bool)
+    flops = forward_flops(config, active_KBT, torch.ones(1, scale.seq_len, dtype=torch.bool))
+    return float(flops["dense_total"]) / scale.seq_len
+
+
+@functools.cache
+def matched_depth(scale_name: str) -> int:
+    """Layers of a one-pass model whose FLOPs per token come closest to PonderLM K's.
+
+    More than K x the layers: PonderLM also pays head + mixture (4 D V) between passes.
+    """
+    scale = SCALES[scale_name]
+    target = dense_flops_per_token(scale, num_passes=PASSES, adaptive=False)
+    depths = range(1, 16 * scale.model["num_hidden_layers"])
+    return min(
+        depths,
+        key=lambda n: abs(
+            dense_flops_per_token(scale, num_passes=1, adaptive=False, num_hidden_layers=n) - target
+        ),
+    )
+
+
 def arms(scale: Scale) -> list[Arm]:
     """The training arms, cheapest first within a seed."""
-    layers = scale.model["num_hidden_layers"]
+    depth = matched_depth(scale.name)
     ada = {"num_passes": PASSES, "adaptive": True}
     return [
         Arm("vanilla", "vanilla K=1", {"num_passes": 1, "adaptive": False}),
         Arm(
             "vanilla-deep",
-            f"vanilla K=1, {PASSES * layers} layers (K x the layer applications)",
-            {"num_passes": 1, "adaptive": False, "num_hidden_layers": PASSES * layers},
+            f"vanilla K=1, {depth} layers (PonderLM K={PASSES}'s FLOPs per token)",
+            {"num_passes": 1, "adaptive": False, "num_hidden_layers": depth},
         ),
         Arm("ponderlm", f"PonderLM K={PASSES}", {"num_passes": PASSES, "adaptive": False}),
         Arm(

@@ -262,9 +262,8 @@ def plot_compute(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], path: 
                 xytext=(3, 3),
                 textcoords="offset points",
             )
-        for j, point in enumerate(sweep):
-            if "fixed_pruning" not in point:
-                continue
+        pruned = [j for j, point in enumerate(sweep) if "fixed_pruning" in point]
+        for j in pruned:
             for name, marker in (("uniform", "s"), ("geometric", "^")):
                 fx = x_of([r["tau_sweep"][j]["fixed_pruning"][name]["flops_per_token"] for r in results])
                 fy = np.mean([r["tau_sweep"][j]["fixed_pruning"][name]["ppl"] for r in results])
@@ -274,7 +273,7 @@ def plot_compute(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], path: 
                     marker,
                     mfc="none",
                     color=color,
-                    label=f"{arm.name}: {name} exits" if j == 0 else None,
+                    label=f"{arm.name}: {name} exits" if j == pruned[0] else None,
                 )
     ax.set_xlabel("inference FLOPs per token (x vanilla K=1)" if base else "inference FLOPs per token")
     ax.set_ylabel("validation perplexity (held-out packages)")
@@ -421,7 +420,7 @@ def claims(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], prune: list[
 
 
 def _missing(layout: Layout) -> list[str]:
-    from experiments.study import trained
+    from experiments.study import locked, trained
 
     missing = []
     for seed in layout.scale.seeds:
@@ -432,8 +431,10 @@ def _missing(layout: Layout) -> list[str]:
             latest = layout.run_dir(name) / "checkpoints" / "latest"
             if trained(layout.run_dir(name), layout.scale):
                 missing.append(f"{name} (trained, not evaluated)")
+            elif locked(layout.run_dir(name)):
+                missing.append(f"{name} (training now)")
             elif latest.is_file():
-                missing.append(f"{name} (interrupted at {latest.read_text().strip()}; resumes there)")
+                missing.append(f"{name} (stopped at {latest.read_text().strip()}; resumes there)")
             else:
                 missing.append(f"{name} (not started)")
     return missing

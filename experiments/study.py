@@ -289,6 +289,18 @@ def run_study(layout: Layout, jobs: int, base_args: list[str], only: list[str] |
     return 0
 
 
+def locked(run_dir: Path) -> bool:
+    """Whether a task holds the run's lock (it is training or evaluating now)."""
+    if not (run_dir / "study.lock").is_file():
+        return False
+    with open(run_dir / "study.lock") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
 def status(layout: Layout) -> None:
     for seed in layout.scale.seeds:
         for arm in arms(layout.scale):
@@ -298,9 +310,10 @@ def status(layout: Layout) -> None:
                 state = "evaluated"
             elif trained(run_dir, layout.scale):
                 state = "trained, not evaluated"
+            elif locked(run_dir):
+                state = "training now"
             elif (run_dir / "checkpoints" / "latest").is_file():
-                tag = (run_dir / "checkpoints" / "latest").read_text().strip()
-                state = f"interrupted at {tag}"
+                state = f"stopped at {(run_dir / 'checkpoints' / 'latest').read_text().strip()}"
             else:
                 state = "not started"
             print(f"{name:24s} {state}")

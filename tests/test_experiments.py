@@ -50,7 +50,7 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
     study(tmp_path, "run", "--arms", "adaponder", "--exit-at-step", "4")
     readme = (out / "README.md").read_text()
     assert "PARTIAL RESULTS" in readme
-    assert "adaponder-s1 (interrupted at step-00000004" in readme
+    assert "adaponder-s1 (stopped at step-00000004" in readme
     assert "vanilla-s1 (not started)" in readme
 
     # Rerun: the stopped run resumes from its checkpoint, the others train; everything is evaluated.
