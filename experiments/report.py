@@ -279,7 +279,8 @@ def plot_compute(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], path: 
     ax.set_ylabel("validation perplexity (held-out packages)")
     ax.set_title("Perplexity against inference compute (mean over seeds; lines: tau sweep)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -313,7 +314,8 @@ def plot_nll_by_passes(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], 
     ax.set_xlabel("passes the token ran (learned halting, trained tau)")
     ax.set_ylabel("mean validation NLL (nats)")
     ax.set_title("NLL by passes run (labels: share of tokens); mean over seeds")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -350,7 +352,7 @@ def claims(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], prune: list[
     lines.append("**Pondering itself (PonderLM's claim).**")
     lines.append(compare("ponderlm", "vanilla", "PonderLM K=4 against vanilla K=1"))
     lines.append(
-        compare("ponderlm", "vanilla-deep", "PonderLM K=4 against a vanilla model with K x the layers")
+        compare("ponderlm", "vanilla-deep", "PonderLM K=4 against a deeper vanilla model of the same FLOPs")
     )
     lines.append("")
     lines.append(
@@ -444,14 +446,14 @@ def _setup(layout: Layout, arm_list: list[Arm]) -> list[str]:
     s = layout.scale
     corpus_file = layout.results / "corpus.json"
     corpus = json.loads(corpus_file.read_text()) if corpus_file.is_file() else {}
-    tokens = {k: v.get("tokens") for k, v in corpus.items()}
+    tokens = {k: f"{v['tokens']:,}" if v.get("tokens") else "n/a" for k, v in corpus.items()}
     m = s.model
     return [
         f"- Corpus: Python sources of installed packages, split by package. Train: "
         f"{', '.join(corpus.get('train', {}).get('packages', []))} "
-        f"({tokens.get('train') or 'n/a':,} tokens); "
+        f"({tokens.get('train', 'n/a')} tokens); "
         f"validation: {', '.join(corpus.get('valid', {}).get('packages', []))} "
-        f"({tokens.get('valid') or 'n/a':,} tokens, packages never seen in training). Byte-level BPE with "
+        f"({tokens.get('valid', 'n/a')} tokens, packages never seen in training). Byte-level BPE with "
         f"{s.vocab_size} tokens trained on the train split.",
         "- Model: Pythia-shaped (GPT-NeoX, parallel residual, rotary 0.25), "
         f"{m['num_hidden_layers']} layers, "
@@ -486,6 +488,16 @@ interrupted runs continue from their last checkpoint (every {interval} steps). R
 checkpoints, logs) is under `{work}` (git-ignored).
 """
 
+SIZING = """
+Sizing (full study): single-thread training throughput measured on this 2-core machine while it was
+nearly idle (load ~1; 8 x 256-token batches, 20 steps): vanilla 5,100 tokens/s, PonderLM K=4 1,150,
+a 16-layer vanilla 1,450. At {tokens:,} tokens per run that is about 3.5 min for `vanilla`,
+15 min for each K=4 arm and ~25 min for the 30-layer `vanilla-deep`, so ~75 min of one core per
+seed and ~2 h for 3 seeds with 2 runs at a time, plus ~2 min of evaluation per adaptive run.
+The wall times in the table are what the runs took here (niced, on a machine shared with other
+jobs), so they are upper bounds.
+"""
+
 
 def write_report(layout: Layout) -> Path:
     layout.results.mkdir(parents=True, exist_ok=True)
@@ -502,7 +514,13 @@ def write_report(layout: Layout) -> Path:
         work = layout.work.relative_to(layout.out.parent)
     except ValueError:
         work = layout.work
-    lines = [HEADER.format(results=rel, work=work, interval=layout.scale.checkpoint_interval)]
+    lines = [
+        HEADER.format(
+            results=rel, work=work, interval=layout.scale.checkpoint_interval, tokens=layout.scale.tokens
+        )
+    ]
+    if layout.scale.name == "full":
+        lines.append(SIZING.format(tokens=layout.scale.tokens))
     if missing:
         lines += [
             f"**PARTIAL RESULTS: {len(missing)} of {len(arm_list) * len(layout.scale.seeds)} runs have no "
