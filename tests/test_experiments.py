@@ -124,3 +124,25 @@ def _passes_by_step(tmp_path: Path, train_shards, halt_during_stage1: bool) -> d
 def test_halting_held_off_during_stage1_only(tmp_path, train_shards):
     assert _passes_by_step(tmp_path, train_shards, halt_during_stage1=False) == {1: 4.0, 2: 1.0}
     assert _passes_by_step(tmp_path, train_shards, halt_during_stage1=True) == {1: 1.0, 2: 1.0}
+
+
+def test_corpus_is_split_by_package_and_deterministic(tmp_path):
+    from experiments.corpus import TRAIN_PACKAGES, VALID_PACKAGES, SplitSpec, package_root, write_split
+
+    assert not set(TRAIN_PACKAGES) & set(VALID_PACKAGES)
+    spec = SplitSpec("valid", VALID_PACKAGES, 200_000)
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    facts = write_split(spec, first)
+    write_split(spec, second)
+    assert first.read_bytes() == second.read_bytes()
+    assert 0 < facts["bytes"] <= spec.max_bytes
+    texts = [json.loads(line)["text"] for line in first.read_text().splitlines()]
+    assert len(texts) == facts["documents"]
+    # Every document is the source of a file of one of the validation packages.
+    sources = {
+        name: {p.read_bytes().decode("utf-8", errors="replace") for p in package_root(name).rglob("*.py")}
+        for name in VALID_PACKAGES
+    }
+    assert all(any(text in files for files in sources.values()) for text in texts)
+    owners = {name for name, files in sources.items() for text in texts if text in files}
+    assert len(owners) > 1  # the budget samples several packages, not the first one only
