@@ -157,10 +157,10 @@ def main_table(rows: list[dict[str, Any]]) -> list[str]:
 def pruning_rows(layout: Layout, by_arm: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Per adaptive arm and pruning tau: learned and fixed-pruning losses of every seed."""
     rows = []
-    for arm in [a for a in arms(layout.scale) if a.adaptive]:
-        for tau in layout.scale.pruning_taus:
-            points = [next(p for p in r["tau_sweep"] if p["tau"] == tau) for r in by_arm[arm.name]]
-            if not points:
+    for arm in [a for a in arms(layout.scale) if a.adaptive and by_arm[a.name]]:
+        for i, tau in enumerate(p["tau"] for p in by_arm[arm.name][0]["tau_sweep"]):
+            points = [r["tau_sweep"][i] for r in by_arm[arm.name]]
+            if not all("fixed_pruning" in p for p in points):
                 continue
             rows.append(
                 {
@@ -469,8 +469,8 @@ def _setup(layout: Layout, arm_list: list[Arm]) -> list[str]:
         f"of a seed reads the same tokens.",
         f"- Evaluation: {s.eval_windows} windows of {s.seq_len} tokens evenly spaced over the validation "
         f"shard, fp32; tau sweep {', '.join(f'{t:g}' for t in s.taus)}; fixed pruning (uniform, geometric "
-        f"exit depths through `exit_passes`) matched to the learned mean passes at tau "
-        f"{', '.join(f'{t:g}' for t in s.pruning_taus)}. FLOPs per token from the model's own count "
+        f"exit depths through `exit_passes`) matched to the learned mean passes at every tau, all through "
+        "`adaponder-eval`'s Python API (training/evaluate.py). FLOPs per token from the model's own count "
         f"(`out.flops`); training FLOPs are the dense forward (every pass of every token, as trained).",
         "- Arms: " + "; ".join(f"`{a.name}`: {a.label}" for a in arm_list) + ".",
     ]

@@ -46,7 +46,6 @@ class Layout:
         self.scale, self.work, self.out = scale, work, out
         self.data = work / "data"
         self.runs = work / "runs"
-        self.exports = work / "exports"
         self.logs = work / "logs"
         self.results = out / "results"
 
@@ -128,15 +127,28 @@ def _train_env() -> dict[str, str]:
     return env
 
 
-def train(layout: Layout, arm: Arm, seed: int, exit_at_step: int | None, lock_fd: int) -> None:
-    """Train (or resume) one run; its wall time is added to `wall.json` in the run directory."""
+def checked_config(layout: Layout, arm: Arm, seed: int) -> Path:
+    """Write the run's config, or check it against the one the run was started with.
+
+    A finished run is never retrained, so a study whose arms changed since must not reuse it as if
+    it were the new arm: that is an error naming the run to delete.
+    """
     name = run_name(arm, seed)
+    path = layout.work / "configs" / f"{name}.yaml"
+    cfg = run_config(arm, seed, layout.scale, str(layout.run_dir(name)), layout.data_paths())
+    if path.is_file() and yaml.safe_load(path.read_text()) != cfg:
+        raise ValueError(
+            f"{name}: its arm's config changed since it was started ({path}); delete "
+            f"{layout.run_dir(name)} and {path} to train it again, or restore the old settings"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def train(layout: Layout, name: str, config: Path, exit_at_step: int | None, lock_fd: int) -> None:
+    """Train (or resume) one run; its wall time is added to `wall.json` in the run directory."""
     run_dir = layout.run_dir(name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = layout.work / "configs" / f"{name}.yaml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    cfg = run_config(arm, seed, layout.scale, str(run_dir), layout.data_paths())
-    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     command = [sys.executable, str(REPO_ROOT / "training" / "pretrain.py"), "--config", str(config)]
     if exit_at_step is not None:
         command.append(f"exit_at_step={exit_at_step}")
@@ -163,23 +175,14 @@ def train(layout: Layout, arm: Arm, seed: int, exit_at_step: int | None, lock_fd
 
 
 def evaluate(layout: Layout, arm: Arm, seed: int) -> None:
-    """Export the final checkpoint and write the run's result JSON."""
+    """Evaluate the final checkpoint and write the run's result JSON."""
     from experiments.evaluate import evaluate_run
-    from training.export import export_checkpoint
 
     name = run_name(arm, seed)
     scale, run_dir = layout.scale, layout.run_dir(name)
-    export_dir = layout.exports / name
     started = time.perf_counter()
-    export_checkpoint(run_dir, export_dir)
     result = evaluate_run(
-        export_dir,
-        layout.data_paths()["valid"],
-        scale.seq_len,
-        scale.eval_windows,
-        scale.eval_batch,
-        scale.taus,
-        scale.pruning_taus,
+        run_dir, layout.data_paths()["valid"], scale.seq_len, scale.eval_windows, scale.eval_batch, scale.taus
     )
     summary = json.loads((run_dir / "summary.json").read_text())
     result.update(
@@ -221,8 +224,9 @@ def task(layout: Layout, arm: Arm, seed: int, exit_at_step: int | None) -> str:
             raise RuntimeError(
                 f"{name}: another process is training it (lock {run_dir / 'study.lock'})"
             ) from None
+        config = checked_config(layout, arm, seed)
         if not trained(run_dir, layout.scale):
-            train(layout, arm, seed, exit_at_step, lock.fileno())
+            train(layout, name, config, exit_at_step, lock.fileno())
             if not trained(run_dir, layout.scale):
                 return "stopped before the end (resumes from its checkpoint)"
         if stop.is_set():

@@ -66,11 +66,10 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
         r = results[run_name(arm, SMOKE.seeds[0])]
         assert r["adaptive"] == arm.adaptive
         if arm.adaptive:
-            assert [p["tau"] for p in r["tau_sweep"]] == sorted(set(SMOKE.taus) | set(SMOKE.pruning_taus))
-            pruned = [p for p in r["tau_sweep"] if "fixed_pruning" in p]
-            assert [p["tau"] for p in pruned] == list(SMOKE.pruning_taus)
-            for policy in pruned[0]["fixed_pruning"].values():
-                assert abs(policy["mean_passes"] - pruned[0]["mean_passes"]) < 0.5
+            assert [p["tau"] for p in r["tau_sweep"]] == sorted(SMOKE.taus)
+            for point in r["tau_sweep"]:
+                for policy in point["fixed_pruning"].values():
+                    assert abs(policy["mean_passes"] - point["mean_passes"]) < 0.05
     readme = (out / "README.md").read_text()
     assert "PARTIAL" not in readme
     for arm in arms(SMOKE):
