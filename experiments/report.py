@@ -495,8 +495,9 @@ SIZING = """
 Sizing (full study): single-thread training throughput measured on this 2-core machine while it was
 nearly idle (load ~1; 8 x 256-token batches, 20 steps): vanilla 5,100 tokens/s, PonderLM K=4 1,150,
 a 16-layer vanilla 1,450. At {tokens:,} tokens per run that is about 3.5 min for `vanilla`,
-15 min for each K=4 arm and ~25 min for the 30-layer `vanilla-deep`, so ~75 min of one core per
-seed and ~2 h for 3 seeds with 2 runs at a time, plus ~2 min of evaluation per adaptive run.
+15 min for each K=4 arm and ~25 min for the 30-layer `vanilla-deep` (extrapolated), so ~75 min of
+one core per seed and ~2 h for 3 seeds with 2 runs at a time, plus a few minutes of evaluation per
+adaptive run; the study's 4-sample batches are somewhat slower per token than the 8 measured.
 The wall times in the table are what the runs took here (niced, on a machine shared with other
 jobs), so they are upper bounds.
 """
