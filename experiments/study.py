@@ -60,7 +60,7 @@ class Layout:
         return self.runs / name
 
     def result_file(self, name: str) -> Path:
-        return self.results / "runs" / f"{name}.json"
+        return self.results / "by_run" / f"{name}.json"  # not "runs/": .gitignore ignores that name
 
 
 def log(message: str) -> None:

@@ -59,7 +59,7 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
     log = (work / "logs" / "adaponder-s1.log").read_text()
     assert "at step 4" in log.split("====")[-1]  # the second invocation resumed
     assert json.loads((work / "runs" / "adaponder-s1" / "wall.json").read_text())["invocations"] == 2
-    results = {n: json.loads((out / "results" / "runs" / f"{n}.json").read_text()) for n in names}
+    results = {n: json.loads((out / "results" / "by_run" / f"{n}.json").read_text()) for n in names}
     assert len({r["train_tokens"] for r in results.values()}) == 1  # same tokens for every arm
     assert all(r["train_steps"] == SMOKE.train_steps for r in results.values())
     for arm in arms(SMOKE):
@@ -79,10 +79,10 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
     assert len((out / "results" / "table.csv").read_text().splitlines()) == 1 + len(arms(SMOKE))
 
     # Again: nothing is retrained or re-evaluated.
-    stamps = {n: (out / "results" / "runs" / f"{n}.json").stat().st_mtime_ns for n in names}
+    stamps = {n: (out / "results" / "by_run" / f"{n}.json").stat().st_mtime_ns for n in names}
     again = study(tmp_path, "run")
     assert again.stdout.count(": done") == len(names)
-    assert stamps == {n: (out / "results" / "runs" / f"{n}.json").stat().st_mtime_ns for n in names}
+    assert stamps == {n: (out / "results" / "by_run" / f"{n}.json").stat().st_mtime_ns for n in names}
     assert json.loads((work / "runs" / "adaponder-s1" / "wall.json").read_text())["invocations"] == 2
 
 
@@ -145,3 +145,16 @@ def test_corpus_is_split_by_package_and_deterministic(tmp_path):
     assert all(any(text in files for files in sources.values()) for text in texts)
     owners = {name for name, files in sources.items() for text in texts if text in files}
     assert len(owners) > 1  # the budget samples several packages, not the first one only
+
+
+def test_the_full_study_commits_its_results_and_ignores_its_run_state():
+    from experiments.arms import FULL
+    from experiments.study import EXPERIMENTS, Layout
+
+    layout = Layout(FULL, EXPERIMENTS / "work" / "full", EXPERIMENTS)
+    name = run_name(arms(FULL)[0], 1)
+    committed = [layout.result_file(name), layout.results / "table.csv", layout.out / "README.md"]
+    ignored = [layout.run_dir(name) / "checkpoints" / "latest", layout.data / "train.bin", layout.logs]
+    for path, expected in [(p, False) for p in committed] + [(p, True) for p in ignored]:
+        check = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO)
+        assert check.returncode == (0 if expected else 1), path
