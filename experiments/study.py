@@ -127,6 +127,12 @@ def _train_env() -> dict[str, str]:
     return env
 
 
+def _settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run config without its paths, so that a work directory can be moved and resumed."""
+    data = {k: v for k, v in cfg["data"].items() if k not in ("train_paths", "valid_paths", "tokenizer")}
+    return {k: v for k, v in cfg.items() if k != "run_dir"} | {"data": data}
+
+
 def checked_config(layout: Layout, arm: Arm, seed: int) -> Path:
     """Write the run's config, or check it against the one the run was started with.
 
@@ -136,7 +142,7 @@ def checked_config(layout: Layout, arm: Arm, seed: int) -> Path:
     name = run_name(arm, seed)
     path = layout.work / "configs" / f"{name}.yaml"
     cfg = run_config(arm, seed, layout.scale, str(layout.run_dir(name)), layout.data_paths())
-    if path.is_file() and yaml.safe_load(path.read_text()) != cfg:
+    if path.is_file() and _settings(yaml.safe_load(path.read_text())) != _settings(cfg):
         raise ValueError(
             f"{name}: its arm's config changed since it was started ({path}); delete "
             f"{layout.run_dir(name)} and {path} to train it again, or restore the old settings"
