@@ -208,6 +208,6 @@ def run_config(arm: Arm, seed: int, scale: Scale, run_dir: str, data: dict[str, 
         "global_batch_size": scale.batch_size,
         "train_steps": scale.train_steps,
         "precision": "fp32",
-        "deepspeed_config": "ds_configs/zero1.json",
+        "deepspeed_config": "ds_configs/zero3.json",  # the default users run (1 rank: nothing to partition)
         "seed": seed,
     }

@@ -463,7 +463,7 @@ def _setup(layout: Layout, arm_list: list[Arm]) -> list[str]:
         f"hidden {m['hidden_size']}, {m['num_attention_heads']} heads, MLP {m['intermediate_size']}; "
         f"K={PASSES} for the pondering arms.",
         f"- Training: {s.train_steps} steps x {s.batch_size} x {s.seq_len} tokens = {s.tokens:,} tokens, "
-        f"AdamW lr {s.lr:g} (warmup {s.warmup}, cosine to 0.1x), fp32, DeepSpeed ZeRO-1, 1 rank, "
+        f"AdamW lr {s.lr:g} (warmup {s.warmup}, cosine to 0.1x), fp32, DeepSpeed ZeRO-3, 1 rank, "
         f"`training/pretrain.py`, one process per run; stage 1 {s.stage1} steps (no ponder loss), "
         f"k ramp {s.ramp} steps; seeds {', '.join(map(str, s.seeds))} (init and data order); every arm "
         f"of a seed reads the same tokens.",
