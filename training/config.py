@@ -119,6 +119,9 @@ class PonderConfig:
     # dense step's numbers and gradients, minus the compute of halted tokens (benchmarks/
     # bench_sparse_train.py: as fast as dense with nobody halted, faster from the paper's rates on).
     sparse_training: bool = True
+    # False: while the loss weight is 0 (stage 1) every token runs all passes (mask 1); the gates
+    # still scale the updates and learn, but cannot halt a token before the ponder loss starts.
+    halt_during_stage1: bool = True
 
     def validate(self) -> None:
         if self.loss_weight < 0:

@@ -346,7 +346,7 @@ class Trainer:
                 shift_labels=False,
                 ponder_lambda=settings.ponder_lambda,
                 ponder_k=settings.ponder_k,
-                dense=not self.cfg.ponder.sparse_training,
+                **self._stage1_knobs(tokens_BT1, settings),
             )
             self.status.enter("backward", step, micro)
             self.engine.backward(out.loss)
@@ -357,6 +357,15 @@ class Trainer:
             self.status.enter("step", step, micro)
             self.engine.step()
         self.meter.add_step(self.engine.grad_norm())
+
+    def _stage1_knobs(self, tokens_BT1: torch.Tensor, settings: StepSettings) -> dict[str, Any]:
+        """The forward's path: sparse or dense per `ponder.sparse_training`, except in stage 1 with
+        `ponder.halt_during_stage1` off, where every token runs all K passes (`exit_passes`, dense:
+        nobody halts, so there is nothing for the sparse path to skip)."""
+        if self.cfg.ponder.halt_during_stage1 or settings.ponder_lambda or not self.model_config.adaptive:
+            return {"dense": not self.cfg.ponder.sparse_training}
+        all_passes_BT = torch.full_like(tokens_BT1[:, :-1], self.model_config.num_passes)
+        return {"dense": True, "exit_passes": all_passes_BT}
 
     def _check_finite(self, losses: torch.Tensor) -> None:
         local_bad = not bool(torch.isfinite(losses).all())

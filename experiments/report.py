@@ -1,0 +1,568 @@
+"""The study's report: README.md, table.csv and the two plots, from the per-run result JSON only.
+
+Rerunning `python -m experiments.study report` regenerates everything from `OUT/results/`; runs
+that have no result file yet are listed as missing and the report says it is partial.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from experiments.arms import PASSES, Arm, arms, run_name
+
+if TYPE_CHECKING:
+    from experiments.study import Layout
+
+PAPER = (
+    "SPEC.md section 2 (Pile, 4 passes): AdaPonderLM 14.32 PPL at 3.8 passes vs PonderLM 14.40 (70M); "
+    "9.87 at 3.8 vs 9.72 (410M); continued 1.4B / 2.8B: equal validation loss at 3.7 / 3.8 passes"
+)
+
+
+def load_results(layout: Layout) -> dict[str, list[dict[str, Any]]]:
+    """Arm name -> result dicts of its evaluated seeds (in seed order)."""
+    by_arm: dict[str, list[dict[str, Any]]] = {arm.name: [] for arm in arms(layout.scale)}
+    for seed in layout.scale.seeds:
+        for arm in arms(layout.scale):
+            path = layout.result_file(run_name(arm, seed))
+            if path.is_file():
+                by_arm[arm.name].append(json.loads(path.read_text()))
+    return by_arm
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def pm(values: list[float], fmt: str = ".3f") -> str:
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:{fmt}}" if math.isnan(std) else f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a minus mean of b and its standard error from the seed spreads (nan if unknown)."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    se = math.sqrt(sa**2 / len(a) + sb**2 / len(b)) if a and b else math.nan
+    return ma - mb, se
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float, int]:
+    """Per-seed differences a - b: mean, standard error, how many are positive."""
+    d = [x - y for x, y in zip(a, b)]
+    mean, std = mean_std(d)
+    return mean, std / math.sqrt(len(d)) if len(d) > 1 else math.nan, sum(x > 0 for x in d)
+
+
+def verdict(delta: float, se: float, better_if_negative: bool = True) -> str:
+    if math.isnan(delta):
+        return "not measured yet"
+    if math.isnan(se):
+        return "one seed only: no spread to judge against"
+    if abs(delta) < 2 * se:
+        return "no difference beyond 2 standard errors"
+    return "better" if (delta < 0) == better_if_negative else "worse"
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables.
+
+
+def summary_rows(layout: Layout, by_arm: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    vanilla = by_arm.get("vanilla") or []
+    base_inf = np.mean([r["learned"]["flops_per_token"] for r in vanilla]) if vanilla else math.nan
+    base_train = np.mean([r["learned"]["dense_flops_per_token"] for r in vanilla]) if vanilla else math.nan
+    rows = []
+    for arm in arms(layout.scale):
+        results = by_arm[arm.name]
+        learned = [r["learned"] for r in results]
+        rows.append(
+            {
+                "arm": arm.name,
+                "label": arm.label,
+                "seeds": len(results),
+                "ppl": [x["ppl"] for x in learned],
+                "passes": [x["mean_passes"] for x in learned],
+                # Training runs every pass of every token densely (ZeRO-3 keeps the ranks in step).
+                "train_flops": np.mean([x["dense_flops_per_token"] for x in learned]) / base_train
+                if learned
+                else math.nan,
+                "inference_flops": np.mean([x["flops_per_token"] for x in learned]) / base_inf
+                if learned
+                else math.nan,
+                "wall": [r["train_wall_seconds"] for r in results],
+                "params": results[0]["parameters"] if results else None,
+            }
+        )
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "arm",
+                "seeds",
+                "ppl_mean",
+                "ppl_std",
+                "mean_passes",
+                "train_flops_rel",
+                "inference_flops_rel",
+                "wall_s",
+            ]
+        )
+        for r in rows:
+            ppl, std = mean_std(r["ppl"])
+            w.writerow(
+                [
+                    r["arm"],
+                    r["seeds"],
+                    f"{ppl:.4f}",
+                    f"{std:.4f}",
+                    f"{np.mean(r['passes']) if r['passes'] else math.nan:.4f}",
+                    f"{r['train_flops']:.4f}",
+                    f"{r['inference_flops']:.4f}",
+                    f"{np.mean(r['wall']) if r['wall'] else math.nan:.0f}",
+                ]
+            )
+
+
+def main_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| arm | seeds | parameters | validation PPL (mean ± std) | passes / token | train FLOPs / token "
+        "(x vanilla) | inference FLOPs / token (x vanilla) | train wall s / run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['seeds']} | {r['params'] or 'n/a':,} | {pm(r['ppl'], '.2f')} "
+            f"| {pm(r['passes'])} | {r['train_flops']:.2f} | {r['inference_flops']:.2f} "
+            f"| {pm(r['wall'], '.0f')} |"
+            if r["seeds"]
+            else f"| {r['label']} | 0 | n/a | n/a | n/a | n/a | n/a | n/a |"
+        )
+    return lines
+
+
+def pruning_rows(layout: Layout, by_arm: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per adaptive arm and pruning tau: learned and fixed-pruning losses of every seed."""
+    rows = []
+    for arm in [a for a in arms(layout.scale) if a.adaptive and by_arm[a.name]]:
+        for i, tau in enumerate(p["tau"] for p in by_arm[arm.name][0]["tau_sweep"]):
+            points = [r["tau_sweep"][i] for r in by_arm[arm.name]]
+            if not all("fixed_pruning" in p for p in points):
+                continue
+            rows.append(
+                {
+                    "arm": arm.name,
+                    "tau": tau,
+                    "passes": [p["mean_passes"] for p in points],
+                    "learned": [p["loss"] for p in points],
+                    **{
+                        name: [p["fixed_pruning"][name]["loss"] for p in points]
+                        for name in ("uniform", "geometric")
+                    },
+                    **{
+                        f"{name}_passes": [p["fixed_pruning"][name]["mean_passes"] for p in points]
+                        for name in ("uniform", "geometric")
+                    },
+                }
+            )
+    return rows
+
+
+def pruning_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| arm | tau | passes (learned / uniform / geometric) | learned loss | uniform - learned "
+        "| geometric - learned | seeds where learned wins (uniform, geometric) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = []
+        wins = []
+        for name in ("uniform", "geometric"):
+            mean, se, positive = paired(r[name], r["learned"])
+            cells.append(f"{mean:+.4f}" + ("" if math.isnan(se) else f" (se {se:.4f})"))
+            wins.append(f"{positive}/{len(r['learned'])}")
+        passes = " / ".join(f"{np.mean(r[k]):.3f}" for k in ("passes", "uniform_passes", "geometric_passes"))
+        lines.append(
+            f"| {r['arm']} | {r['tau']:g} | {passes} | {pm(r['learned'], '.4f')} | {cells[0]} | {cells[1]} "
+            f"| {', '.join(wins)} |"
+        )
+    return lines
+
+
+def sweep_table(layout: Layout, by_arm: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = ["| arm | tau | passes / token | PPL (mean ± std) |", "|---|---|---|---|"]
+    for arm in [a for a in arms(layout.scale) if a.adaptive and by_arm[a.name]]:
+        for i, point in enumerate(by_arm[arm.name][0]["tau_sweep"]):
+            points = [r["tau_sweep"][i] for r in by_arm[arm.name]]
+            lines.append(
+                f"| {arm.name} | {point['tau']:g} | {pm([p['mean_passes'] for p in points])} "
+                f"| {pm([p['ppl'] for p in points], '.2f')} |"
+            )
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots.
+
+
+def plot_compute(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vanilla = by_arm.get("vanilla") or []
+    base = np.mean([r["learned"]["flops_per_token"] for r in vanilla]) if vanilla else None
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+
+    def x_of(flops: list[float]) -> float:
+        return float(np.mean(flops)) / base if base else float(np.mean(flops))
+
+    for i, arm in enumerate(arms(layout.scale)):
+        results = by_arm[arm.name]
+        if not results:
+            continue
+        color = f"C{i}"
+        ppl = [r["learned"]["ppl"] for r in results]
+        ax.errorbar(
+            x_of([r["learned"]["flops_per_token"] for r in results]),
+            np.mean(ppl),
+            yerr=np.std(ppl, ddof=1) if len(ppl) > 1 else None,
+            fmt="o",
+            color=color,
+            label=arm.label,
+            capsize=3,
+        )
+        if not arm.adaptive:
+            continue
+        sweep = results[0]["tau_sweep"]
+        xs = [x_of([r["tau_sweep"][j]["flops_per_token"] for r in results]) for j in range(len(sweep))]
+        ys = [np.mean([r["tau_sweep"][j]["ppl"] for r in results]) for j in range(len(sweep))]
+        ax.plot(xs, ys, "-", color=color, alpha=0.6)
+        for x, y, point in zip(xs, ys, sweep):
+            ax.annotate(
+                f"τ={point['tau']:g}",
+                (x, y),
+                fontsize=7,
+                color=color,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        pruned = [j for j, point in enumerate(sweep) if "fixed_pruning" in point]
+        for j in pruned:
+            for name, marker in (("uniform", "s"), ("geometric", "^")):
+                fx = x_of([r["tau_sweep"][j]["fixed_pruning"][name]["flops_per_token"] for r in results])
+                fy = np.mean([r["tau_sweep"][j]["fixed_pruning"][name]["ppl"] for r in results])
+                ax.plot(
+                    fx,
+                    fy,
+                    marker,
+                    mfc="none",
+                    color=color,
+                    label=f"{arm.name}: {name} exits" if j == pruned[0] else None,
+                )
+    ax.set_xlabel("inference FLOPs per token (x vanilla K=1)" if base else "inference FLOPs per token")
+    ax.set_ylabel("validation perplexity (held-out packages)")
+    ax.set_title("Perplexity against inference compute (mean over seeds; lines: tau sweep)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_nll_by_passes(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    adaptive = [a for a in arms(layout.scale) if a.adaptive and by_arm[a.name]]
+    width = 0.8 / max(1, len(adaptive))
+    for i, arm in enumerate(adaptive):
+        results = by_arm[arm.name]
+        nll = np.array(
+            [[math.nan if v is None else v for v in r["learned"]["nll_by_passes"]] for r in results]
+        )
+        share = np.mean([r["learned"]["share_by_passes"] for r in results], axis=0)
+        xs = np.arange(1, PASSES + 1) + (i - (len(adaptive) - 1) / 2) * width
+        counts = np.isfinite(nll).sum(axis=0)
+        means = np.where(counts > 0, np.nansum(nll, axis=0) / np.maximum(counts, 1), np.nan)
+        ax.bar(xs, means, width, label=arm.name, color=f"C{3 + i}")
+        for x, m, s in zip(xs, means, share):
+            if np.isfinite(m):
+                ax.annotate(
+                    f"{s:.0%}", (x, m), ha="center", fontsize=7, xytext=(0, 2), textcoords="offset points"
+                )
+    ax.set_xticks(range(1, PASSES + 1))
+    ax.set_xlabel("passes the token ran (learned halting, trained tau)")
+    ax.set_ylabel("mean validation NLL (nats)")
+    ax.set_title("NLL by passes run (labels: share of tokens); mean over seeds")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Claims.
+
+
+def _equal_passes_loss(results: list[dict[str, Any]], passes: float) -> list[float]:
+    """Each seed's loss on its tau-sweep curve, interpolated at `passes` (nan outside the curve)."""
+    out = []
+    for r in results:
+        pts = sorted((p["mean_passes"], p["loss"]) for p in r["tau_sweep"])
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        out.append(float(np.interp(passes, xs, ys)) if xs[0] <= passes <= xs[-1] else math.nan)
+    return out
+
+
+def claims(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], prune: list[dict[str, Any]]) -> list[str]:
+    ppl = {name: [r["learned"]["ppl"] for r in res] for name, res in by_arm.items()}
+    passes = {name: [r["learned"]["mean_passes"] for r in res] for name, res in by_arm.items()}
+    lines = []
+
+    def compare(a: str, b: str, what: str) -> str:
+        delta, se = difference(ppl[a], ppl[b])
+        if math.isnan(delta):
+            return f"- {what}: not measured yet ({a}: {len(ppl[a])} seeds, {b}: {len(ppl[b])} seeds)."
+        return (
+            f"- {what}: {a} {pm(ppl[a], '.2f')} vs {b} {pm(ppl[b], '.2f')} PPL, difference "
+            f"{delta:+.2f} (se {se:.2f}): {a} is {verdict(delta, se)}."
+        )
+
+    lines.append("**Pondering itself (PonderLM's claim).**")
+    lines.append(compare("ponderlm", "vanilla", "PonderLM K=4 against vanilla K=1"))
+    lines.append(
+        compare("ponderlm", "vanilla-deep", "PonderLM K=4 against a deeper vanilla model of the same FLOPs")
+    )
+    lines.append("")
+    lines.append(
+        "**AdaPonderLM keeps PonderLM's quality with fewer passes** (paper: within ~0.1 PPL at 3.7-3.8 of "
+        "4 passes)."
+    )
+    for name in ("adaponder", "adaponder-k0.3", "adaponder-hold"):
+        lines.append(compare(name, "ponderlm", f"{name} at {pm(passes[name])} passes per token"))
+    lines.append("")
+    lines.append("**(a) Learned halting beats fixed pruning at the same mean passes** (paired by seed).")
+    if not prune:
+        lines.append("- not measured yet.")
+    for r in prune:
+        parts = []
+        for name in ("uniform", "geometric"):
+            mean, se, positive = paired(r[name], r["learned"])
+            parts.append(
+                f"{name} exits lose {mean:+.4f} nats (se {se:.4f}; learned better on "
+                f"{positive}/{len(r['learned'])} seeds: {verdict(-mean, se)})"
+            )
+        lines.append(
+            f"- {r['arm']} at tau {r['tau']:g} ({np.mean(r['passes']):.2f} passes): " + "; ".join(parts) + "."
+        )
+    lines.append("")
+    lines.append("**(b) Tokens that halt early are the easy ones** (NLL by passes run, mean over seeds).")
+    for arm in [a for a in arms(layout.scale) if a.adaptive]:
+        results = by_arm[arm.name]
+        if not results:
+            lines.append(f"- {arm.name}: not measured yet.")
+            continue
+        share = np.mean([r["learned"]["share_by_passes"] for r in results], axis=0)
+        nll = [[v for v in r["learned"]["nll_by_passes"]] for r in results]
+        cells = []
+        for j in range(PASSES):
+            values = [n[j] for n in nll if n[j] is not None]
+            cells.append(f"{j + 1}: {np.mean(values):.3f} ({share[j]:.1%})" if values else f"{j + 1}: none")
+        early = next((j for j in range(PASSES - 1) if share[j] >= 0.01), None)
+        if early is None:
+            judged = "fewer than 1% of tokens halt before the last pass: nothing to compare"
+        else:
+            e = np.mean([n[early] for n in nll if n[early] is not None])
+            last = np.mean([n[-1] for n in nll if n[-1] is not None])
+            judged = f"holds ({e:.3f} < {last:.3f})" if e < last else f"does not hold ({e:.3f} >= {last:.3f})"
+        lines.append(f"- {arm.name}: NLL (share) by passes {'; '.join(cells)}; {judged}.")
+    lines.append("")
+    lines.append(
+        "**Stage 1: gate learning rate x0.1 (`adaponder`) against halting held off in stage 1 with gates at "
+        "x1 (`adaponder-hold`)**, compared at equal passes on each seed's tau-sweep curve."
+    )
+    a, h = by_arm["adaponder"], by_arm["adaponder-hold"]
+    if a and h:
+        at = float(np.mean(passes["adaponder"]))
+        la, lh = _equal_passes_loss(a, at), _equal_passes_loss(h, at)
+        delta, se = difference([x for x in lh if not math.isnan(x)], [x for x in la if not math.isnan(x)])
+        lines.append(
+            f"- at {at:.3f} passes: hold {pm(lh, '.4f')} vs multiplier {pm(la, '.4f')} nats, difference "
+            f"{delta:+.4f} (se {se:.4f}): holding halting off is {verdict(delta, se)}."
+        )
+    else:
+        lines.append("- not measured yet.")
+    lines.append(
+        "- The default stays `optimizer.gate_lr_multiplier: 0.1` with `ponder.halt_during_stage1: true` "
+        "unless holding halting off is better here by more than 2 standard errors over 3 seeds."
+    )
+    lines.append("")
+    lines.append(f"Paper numbers for comparison: {PAPER}.")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _missing(layout: Layout) -> list[str]:
+    from experiments.study import locked, trained
+
+    missing = []
+    for seed in layout.scale.seeds:
+        for arm in arms(layout.scale):
+            name = run_name(arm, seed)
+            if layout.result_file(name).is_file():
+                continue
+            latest = layout.run_dir(name) / "checkpoints" / "latest"
+            if trained(layout.run_dir(name), layout.scale):
+                missing.append(f"{name} (trained, not evaluated)")
+            elif locked(layout.run_dir(name)):
+                missing.append(f"{name} (training now)")
+            elif latest.is_file():
+                missing.append(f"{name} (stopped at {latest.read_text().strip()}; resumes there)")
+            else:
+                missing.append(f"{name} (not started)")
+    return missing
+
+
+def _setup(layout: Layout, arm_list: list[Arm]) -> list[str]:
+    s = layout.scale
+    corpus_file = layout.results / "corpus.json"
+    corpus = json.loads(corpus_file.read_text()) if corpus_file.is_file() else {}
+    tokens = {k: f"{v['tokens']:,}" if v.get("tokens") else "n/a" for k, v in corpus.items()}
+    m = s.model
+    return [
+        f"- Corpus: Python sources of installed packages, split by package. Train: "
+        f"{', '.join(corpus.get('train', {}).get('packages', []))} "
+        f"({tokens.get('train', 'n/a')} tokens); "
+        f"validation: {', '.join(corpus.get('valid', {}).get('packages', []))} "
+        f"({tokens.get('valid', 'n/a')} tokens, packages never seen in training). Byte-level BPE with "
+        f"{s.vocab_size} tokens trained on the train split.",
+        "- Model: Pythia-shaped (GPT-NeoX, parallel residual, rotary 0.25), "
+        f"{m['num_hidden_layers']} layers, "
+        f"hidden {m['hidden_size']}, {m['num_attention_heads']} heads, MLP {m['intermediate_size']}; "
+        f"K={PASSES} for the pondering arms.",
+        f"- Training: {s.train_steps} steps x {s.batch_size} x {s.seq_len} tokens = {s.tokens:,} tokens, "
+        f"AdamW lr {s.lr:g} (warmup {s.warmup}, cosine to 0.1x), fp32, DeepSpeed ZeRO-3, 1 rank, "
+        f"`training/pretrain.py`, one process per run; stage 1 {s.stage1} steps (no ponder loss), "
+        f"k ramp {s.ramp} steps; seeds {', '.join(map(str, s.seeds))} (init and data order); every arm "
+        f"of a seed reads the same tokens.",
+        f"- Evaluation: {s.eval_windows} windows of {s.seq_len} tokens evenly spaced over the validation "
+        f"shard, fp32; tau sweep {', '.join(f'{t:g}' for t in s.taus)}; fixed pruning (uniform, geometric "
+        f"exit depths through `exit_passes`) matched to the learned mean passes at every tau, all through "
+        "`adaponder-eval`'s Python API (training/evaluate.py). FLOPs per token from the model's own count "
+        f"(`out.flops`); training FLOPs are the dense forward (every pass of every token, as trained).",
+        "- Arms: " + "; ".join(f"`{a.name}`: {a.label}" for a in arm_list) + ".",
+    ]
+
+
+HEADER = """# The paper's claims at small scale
+
+Generated by `python -m experiments.study report` from the files under `{results}`; do not edit by
+hand (the study rewrites it).
+
+    python -m experiments.study run --background   # start or resume (log: {work}/study.log)
+    python -m experiments.study status             # which runs are trained / evaluated
+    python -m experiments.study report             # regenerate this file and the plots
+    python -m experiments.study run --smoke        # toy size, as tests/test_experiments.py runs it
+
+The command resumes where it stopped: evaluated runs are skipped, trained runs are only evaluated,
+interrupted runs continue from their last checkpoint (every {interval} steps). Run state (corpus,
+checkpoints, logs) is under `{work}` (git-ignored).
+"""
+
+SIZING = """
+Sizing (full study): single-thread training throughput measured on this 2-core machine while it was
+nearly idle (load ~1; 8 x 256-token batches, 20 steps): vanilla 5,100 tokens/s, PonderLM K=4 1,150,
+a 16-layer vanilla 1,450. At {tokens:,} tokens per run that is about 3.5 min for `vanilla`,
+15 min for each K=4 arm and ~25 min for the 30-layer `vanilla-deep` (extrapolated), so ~75 min of
+one core per seed and ~2 h for 3 seeds with 2 runs at a time, plus a few minutes of evaluation per
+adaptive run; the study's 4-sample batches are somewhat slower per token than the 8 measured.
+The wall times in the table are what the runs took here (niced, on a machine shared with other
+jobs), so they are upper bounds.
+"""
+
+
+def write_report(layout: Layout) -> Path:
+    layout.results.mkdir(parents=True, exist_ok=True)
+    arm_list = arms(layout.scale)
+    by_arm = load_results(layout)
+    rows = summary_rows(layout, by_arm)
+    prune = pruning_rows(layout, by_arm)
+    write_csv(rows, layout.results / "table.csv")
+    plot_compute(layout, by_arm, layout.results / "ppl_vs_compute.png")
+    plot_nll_by_passes(layout, by_arm, layout.results / "nll_by_passes.png")
+    missing = _missing(layout)
+    rel = layout.results.relative_to(layout.out)
+    try:
+        work = layout.work.relative_to(layout.out.parent)
+    except ValueError:
+        work = layout.work
+    lines = [
+        HEADER.format(
+            results=rel, work=work, interval=layout.scale.checkpoint_interval, tokens=layout.scale.tokens
+        )
+    ]
+    if layout.scale.name == "full":
+        lines.append(SIZING.format(tokens=layout.scale.tokens))
+    if missing:
+        lines += [
+            f"**PARTIAL RESULTS: {len(missing)} of {len(arm_list) * len(layout.scale.seeds)} runs have no "
+            "result yet; every number below covers only the evaluated seeds.** Missing:",
+            "",
+            *[f"- {m}" for m in missing],
+            "",
+        ]
+    walls = [w for r in rows for w in r["wall"]]
+    lines += [
+        "## Setup",
+        "",
+        *_setup(layout, arm_list),
+        "",
+        "## Results",
+        "",
+        *main_table(rows),
+        "",
+        f"Wall time: training seconds per run on 1 core (runs trained {2} at a time on this machine's 2 "
+        f"cores); total over the evaluated runs {sum(walls) / 3600:.2f} core-hours of training.",
+        "",
+        f"![perplexity against inference compute]({rel}/ppl_vs_compute.png)",
+        "",
+        f"![NLL by passes run]({rel}/nll_by_passes.png)",
+        "",
+        "### Learned halting against fixed pruning (loss in nats; positive: the fixed policy is worse)",
+        "",
+        *pruning_table(prune),
+        "",
+        "### Tau sweep",
+        "",
+        *sweep_table(layout, by_arm),
+        "",
+        "## Which claims hold here",
+        "",
+        *claims(layout, by_arm, prune),
+        "",
+    ]
+    path = layout.out / "README.md"
+    path.write_text("\n".join(lines))
+    return path

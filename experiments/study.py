@@ -1,0 +1,406 @@
+"""The paper's claims at small scale, one command (experiments/README.md has the results).
+
+    python -m experiments.study run                # the full study, in the foreground
+    python -m experiments.study run --background   # the same, detached, niced, logging to WORK/study.log
+    python -m experiments.study status             # which runs are trained / evaluated
+    python -m experiments.study report             # README.md, table and plots from the result files
+    python -m experiments.study run --smoke        # the whole pipeline at toy size (about a minute)
+
+`run` builds the corpus, tokenizer and shards (each skipped when present), then trains every arm and
+seed with `training/pretrain.py` (one process per run, `--jobs` at a time), evaluates each finished
+run, and writes the report. It resumes wherever it stopped: a trained run is not retrained, an
+evaluated run is not re-evaluated, and an interrupted run continues from its last checkpoint (the
+trainer's own resume). Run state (corpus, runs, checkpoints, logs) lives under WORK (ignored by git);
+results (per-run JSON, table, plots, README) under OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from experiments.arms import SCALES, Arm, Scale, arms, run_config, run_name
+from experiments.corpus import TRAIN_PACKAGES, VALID_PACKAGES, SplitSpec, write_split
+
+EXPERIMENTS = Path(__file__).resolve().parent
+REPO_ROOT = EXPERIMENTS.parent
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+class Layout:
+    """Where everything of one study lives."""
+
+    def __init__(self, scale: Scale, work: Path, out: Path):
+        self.scale, self.work, self.out = scale, work, out
+        self.data = work / "data"
+        self.runs = work / "runs"
+        self.logs = work / "logs"
+        self.results = out / "results"
+
+    def data_paths(self) -> dict[str, str]:
+        return {
+            "train": str(self.data / "train"),
+            "valid": str(self.data / "valid"),
+            "tokenizer": str(self.data / "tokenizer"),
+        }
+
+    def run_dir(self, name: str) -> Path:
+        return self.runs / name
+
+    def result_file(self, name: str) -> Path:
+        return self.results / "by_run" / f"{name}.json"  # not "runs/": .gitignore ignores that name
+
+
+def log(message: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: corpus split by package, BPE on the training split, MMIDIDX shards.
+
+
+def prepare_data(layout: Layout) -> dict[str, Any]:
+    """Build what is missing; return the corpus facts (also in data/corpus.json)."""
+    from data.indexed import index_path
+    from data.preprocess import preprocess
+    from data.train_tokenizer import train_tokenizer
+
+    scale, data = layout.scale, layout.data
+    facts_file = data / "corpus.json"
+    facts = json.loads(facts_file.read_text()) if facts_file.is_file() else {}
+    splits = (
+        SplitSpec("train", TRAIN_PACKAGES, scale.train_bytes),
+        SplitSpec("valid", VALID_PACKAGES, scale.valid_bytes),
+    )
+    for spec in splits:
+        if not (data / f"{spec.name}.jsonl").is_file():
+            facts[spec.name] = {
+                "packages": list(spec.packages),
+                **write_split(spec, data / f"{spec.name}.jsonl"),
+            }
+            log(f"corpus {spec.name}: {facts[spec.name]}")
+    tokenizer = data / "tokenizer"
+    if not (tokenizer / "tokenizer.json").is_file():
+        train_tokenizer([str(data / "train.jsonl")], "bpe", scale.vocab_size, str(tokenizer))
+        log(f"tokenizer: byte-level BPE, {scale.vocab_size} tokens, trained on the train split")
+    for spec in splits:
+        if not Path(index_path(data / spec.name)).is_file():
+            stats = preprocess(
+                [str(data / f"{spec.name}.jsonl")], str(tokenizer), str(data / spec.name), progress=False
+            )
+            facts[spec.name]["tokens"] = stats.tokens
+            log(f"shards {spec.name}: {stats.tokens:,} tokens")
+    facts_file.write_text(json.dumps(facts, indent=1))
+    layout.results.mkdir(parents=True, exist_ok=True)
+    (layout.results / "corpus.json").write_text(json.dumps(facts, indent=1))  # for the report
+    return facts
+
+
+# --------------------------------------------------------------------------------------------------
+# One run: train (resuming), export, evaluate. Runs in its own process (`_task`).
+
+
+def trained(run_dir: Path, scale: Scale) -> bool:
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return False
+    done = json.loads(summary.read_text())
+    return done["status"] in ("finished", "already complete") and done["step"] >= scale.train_steps
+
+
+def _train_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run config without its paths, so that a work directory can be moved and resumed."""
+    data = {k: v for k, v in cfg["data"].items() if k not in ("train_paths", "valid_paths", "tokenizer")}
+    return {k: v for k, v in cfg.items() if k != "run_dir"} | {"data": data}
+
+
+def checked_config(layout: Layout, arm: Arm, seed: int) -> Path:
+    """Write the run's config, or check it against the one the run was started with.
+
+    A finished run is never retrained, so a study whose arms changed since must not reuse it as if
+    it were the new arm: that is an error naming the run to delete.
+    """
+    name = run_name(arm, seed)
+    path = layout.work / "configs" / f"{name}.yaml"
+    cfg = run_config(arm, seed, layout.scale, str(layout.run_dir(name)), layout.data_paths())
+    if path.is_file() and _settings(yaml.safe_load(path.read_text())) != _settings(cfg):
+        raise ValueError(
+            f"{name}: its arm's config changed since it was started ({path}); delete "
+            f"{layout.run_dir(name)} and {path} to train it again, or restore the old settings"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def train(layout: Layout, name: str, config: Path, exit_at_step: int | None, lock_fd: int) -> None:
+    """Train (or resume) one run; its wall time is added to `wall.json` in the run directory."""
+    run_dir = layout.run_dir(name)
+    command = [sys.executable, str(REPO_ROOT / "training" / "pretrain.py"), "--config", str(config)]
+    if exit_at_step is not None:
+        command.append(f"exit_at_step={exit_at_step}")
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(layout.logs / f"{name}.log", "a") as out:
+        out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+        out.flush()
+        result = subprocess.run(
+            command,
+            env=_train_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            pass_fds=(lock_fd,),
+        )
+    wall_file = run_dir / "wall.json"
+    wall = json.loads(wall_file.read_text()) if wall_file.is_file() else {"seconds": 0.0, "invocations": 0}
+    wall["seconds"] += time.perf_counter() - started
+    wall["invocations"] += 1
+    wall_file.write_text(json.dumps(wall))
+    if result.returncode != 0:
+        raise RuntimeError(f"training {name} failed (exit {result.returncode}); see {layout.logs / name}.log")
+
+
+def evaluate(layout: Layout, arm: Arm, seed: int) -> None:
+    """Evaluate the final checkpoint and write the run's result JSON."""
+    from experiments.evaluate import evaluate_run
+
+    name = run_name(arm, seed)
+    scale, run_dir = layout.scale, layout.run_dir(name)
+    started = time.perf_counter()
+    result = evaluate_run(
+        run_dir, layout.data_paths()["valid"], scale.seq_len, scale.eval_windows, scale.eval_batch, scale.taus
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    result.update(
+        arm=arm.name,
+        seed=seed,
+        train_tokens=summary["consumed_tokens"],
+        train_steps=summary["step"],
+        train_wall_seconds=json.loads((run_dir / "wall.json").read_text())["seconds"],
+        train_tokens_per_sec=summary["tokens_per_sec"],
+        eval_wall_seconds=time.perf_counter() - started,
+        trainer_eval=summary["eval"],
+    )
+    out = layout.result_file(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)
+
+
+def task(layout: Layout, arm: Arm, seed: int, exit_at_step: int | None) -> str:
+    """Bring one run as far as it goes: trained, then evaluated. Returns what was done.
+
+    A lock per run, held by this process and inherited by its trainer, keeps a second study (or a
+    trainer orphaned by a killed one) from ever training the same run directory twice at once.
+    """
+    name = run_name(arm, seed)
+    if layout.result_file(name).is_file():
+        return "done"
+    run_dir = layout.run_dir(name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    # SIGTERM goes to the whole task group: the trainer checkpoints and exits; this process waits
+    # for it, records its time and starts nothing new.
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    with open(run_dir / "study.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"{name}: another process is training it (lock {run_dir / 'study.lock'})"
+            ) from None
+        config = checked_config(layout, arm, seed)
+        if not trained(run_dir, layout.scale):
+            train(layout, name, config, exit_at_step, lock.fileno())
+            if not trained(run_dir, layout.scale):
+                return "stopped before the end (resumes from its checkpoint)"
+        if stop.is_set():
+            return "trained; evaluation left for the next run of the study"
+        evaluate(layout, arm, seed)
+    return "trained and evaluated"
+
+
+# --------------------------------------------------------------------------------------------------
+# The study: every run, `jobs` at a time, each in its own process; then the report.
+
+
+class Runner:
+    """Runs the per-run tasks as child processes; forwards SIGTERM/SIGINT so the trainers checkpoint."""
+
+    def __init__(self, base_args: list[str]):
+        self.base_args = base_args
+        self.children: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopping = False
+
+    def run(self, name: str) -> int:
+        with self.lock:
+            if self.stopping:
+                return 1
+            # Its own process group (task + trainer), so that stop() reaches both.
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "experiments.study", "_task", name, *self.base_args],
+                cwd=REPO_ROOT,
+                process_group=0,
+            )
+            self.children.add(proc)
+        code = proc.wait()
+        with self.lock:
+            self.children.discard(proc)
+        return code
+
+    def stop(self, signum: int, frame: Any) -> None:
+        log(f"signal {signal.Signals(signum).name}: stopping runs (each checkpoints and exits)")
+        with self.lock:
+            self.stopping = True
+            for proc in self.children:
+                os.killpg(proc.pid, signal.SIGTERM)
+
+
+def run_study(layout: Layout, jobs: int, base_args: list[str], only: list[str] | None) -> int:
+    prepare_data(layout)
+    chosen = [arm for arm in arms(layout.scale) if only is None or arm.name in only]
+    names = [run_name(arm, seed) for seed in layout.scale.seeds for arm in chosen]
+    runner = Runner(base_args)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, runner.stop)
+    log(f"{len(names)} runs, {jobs} at a time: {', '.join(names)}")
+    with ThreadPoolExecutor(jobs) as pool:
+        codes = dict(zip(names, pool.map(runner.run, names)))
+    failed = [n for n, c in codes.items() if c != 0]
+    from experiments.report import write_report
+
+    write_report(layout)
+    log(f"report: {layout.out / 'README.md'}")
+    if failed:
+        log(f"failed or stopped: {', '.join(failed)} (logs in {layout.logs})")
+        return 1
+    return 0
+
+
+def locked(run_dir: Path) -> bool:
+    """Whether a task holds the run's lock (it is training or evaluating now)."""
+    if not (run_dir / "study.lock").is_file():
+        return False
+    with open(run_dir / "study.lock") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+def status(layout: Layout) -> None:
+    for seed in layout.scale.seeds:
+        for arm in arms(layout.scale):
+            name = run_name(arm, seed)
+            run_dir = layout.run_dir(name)
+            if layout.result_file(name).is_file():
+                state = "evaluated"
+            elif trained(run_dir, layout.scale):
+                state = "trained, not evaluated"
+            elif locked(run_dir):
+                state = "training now"
+            elif (run_dir / "checkpoints" / "latest").is_file():
+                state = f"stopped at {(run_dir / 'checkpoints' / 'latest').read_text().strip()}"
+            else:
+                state = "not started"
+            print(f"{name:24s} {state}")
+
+
+def start_background(argv: list[str], layout: Layout) -> int:
+    layout.work.mkdir(parents=True, exist_ok=True)
+    log_file = layout.work / "study.log"
+    args = [a for a in argv if a != "--background"]
+    with open(log_file, "a") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "experiments.study", *args],
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=lambda: os.nice(19),
+        )
+    print(f"study running in the background, pid {proc.pid}, log {log_file}")
+    return 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=("run", "status", "report", "_task"), nargs="?", default="run")
+    parser.add_argument("name", nargs="?", help=argparse.SUPPRESS)  # the run of `_task`
+    parser.add_argument(
+        "--smoke", action="store_true", help="toy sizes: the whole pipeline in about a minute"
+    )
+    parser.add_argument("--work", help="run state (default experiments/work/full or experiments/work/smoke)")
+    parser.add_argument("--out", help="results and README (default experiments/, smoke: WORK/out)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at the same time (one core each)")
+    parser.add_argument("--exit-at-step", type=int, help="stop every run at this step (resumable chunks)")
+    parser.add_argument("--arms", help="comma-separated arm names to run (default: all)")
+    parser.add_argument("--background", action="store_true", help="detach, nice 19, log to WORK/study.log")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    scale = SCALES["smoke" if args.smoke else "full"]
+    work = Path(args.work or EXPERIMENTS / "work" / scale.name).resolve()
+    out = Path(args.out or (work / "out" if args.smoke else EXPERIMENTS)).resolve()
+    layout = Layout(scale, work, out)
+    if args.command == "status":
+        status(layout)
+        return 0
+    if args.command == "report":
+        from experiments.report import write_report
+
+        write_report(layout)
+        return 0
+    if args.command == "_task":
+        arm, seed = next((a, s) for s in scale.seeds for a in arms(scale) if run_name(a, s) == args.name)
+        log(f"{args.name}: {task(layout, arm, seed, args.exit_at_step)}")
+        return 0
+    if args.background:
+        return start_background(argv, layout)
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "study.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another study is running on {work} (lock {work / 'study.lock'})", file=sys.stderr)
+            return 2
+        base = ["--work", str(work), "--out", str(out)] + (["--smoke"] if args.smoke else [])
+        if args.exit_at_step is not None:
+            base += ["--exit-at-step", str(args.exit_at_step)]
+        only = args.arms.split(",") if args.arms else None
+        unknown = sorted(set(only or []) - {a.name for a in arms(scale)})
+        if unknown:
+            print(f"--arms: unknown arms {unknown}; known: {[a.name for a in arms(scale)]}", file=sys.stderr)
+            return 2
+        return run_study(layout, args.jobs, base, only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

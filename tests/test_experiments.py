@@ -1,0 +1,160 @@
+"""The study (experiments/) at toy size: it runs, stops, resumes, does not redo work, and reports.
+
+Also the stage-1 option it compares: `ponder.halt_during_stage1: false` runs every token through all
+passes while the ponder loss is off, whatever the gates say.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # experiments/ is a directory of the repository, not an installed package
+from experiments.arms import SMOKE, arms, run_name  # noqa: E402
+
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env.update(
+        PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"
+    )
+    return env
+
+
+def study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    dirs = ["--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.study", *args, *dirs],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_smoke_study_stops_resumes_and_reports(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    names = [run_name(arm, seed) for seed in SMOKE.seeds for arm in arms(SMOKE)]
+
+    # An interrupted study: one arm stopped halfway, the others not started.
+    study(tmp_path, "run", "--arms", "adaponder", "--exit-at-step", "4")
+    readme = (out / "README.md").read_text()
+    assert "PARTIAL RESULTS" in readme
+    assert "adaponder-s1 (stopped at step-00000004" in readme
+    assert "vanilla-s1 (not started)" in readme
+
+    # Rerun: the stopped run resumes from its checkpoint, the others train; everything is evaluated.
+    first = study(tmp_path, "run")
+    assert "adaponder-s1: trained and evaluated" in first.stdout
+    log = (work / "logs" / "adaponder-s1.log").read_text()
+    assert "at step 4" in log.split("====")[-1]  # the second invocation resumed
+    assert json.loads((work / "runs" / "adaponder-s1" / "wall.json").read_text())["invocations"] == 2
+    results = {n: json.loads((out / "results" / "by_run" / f"{n}.json").read_text()) for n in names}
+    assert len({r["train_tokens"] for r in results.values()}) == 1  # same tokens for every arm
+    assert all(r["train_steps"] == SMOKE.train_steps for r in results.values())
+    for arm in arms(SMOKE):
+        r = results[run_name(arm, SMOKE.seeds[0])]
+        assert r["adaptive"] == arm.adaptive
+        if arm.adaptive:
+            assert [p["tau"] for p in r["tau_sweep"]] == sorted(SMOKE.taus)
+            for point in r["tau_sweep"]:
+                for policy in point["fixed_pruning"].values():
+                    assert abs(policy["mean_passes"] - point["mean_passes"]) < 0.05
+    readme = (out / "README.md").read_text()
+    assert "PARTIAL" not in readme
+    for arm in arms(SMOKE):
+        assert f"| {arm.label} | 1 |" in readme
+    for plot in ("ppl_vs_compute.png", "nll_by_passes.png"):
+        assert (out / "results" / plot).read_bytes()[:4] == b"\x89PNG"
+    assert len((out / "results" / "table.csv").read_text().splitlines()) == 1 + len(arms(SMOKE))
+
+    # Again: nothing is retrained or re-evaluated.
+    stamps = {n: (out / "results" / "by_run" / f"{n}.json").stat().st_mtime_ns for n in names}
+    again = study(tmp_path, "run")
+    assert again.stdout.count(": done") == len(names)
+    assert stamps == {n: (out / "results" / "by_run" / f"{n}.json").stat().st_mtime_ns for n in names}
+    assert json.loads((work / "runs" / "adaponder-s1" / "wall.json").read_text())["invocations"] == 2
+
+
+def _passes_by_step(tmp_path: Path, train_shards, halt_during_stage1: bool) -> dict[int, float]:
+    prefix, tokenizer = train_shards
+    run = tmp_path / f"hold-{halt_during_stage1}"
+    config = {
+        "run_dir": str(run),
+        # Gates start closed (s ~ 2e-9 < tau): with halting on, every token stops after one pass.
+        "model": {"preset": "tiny", "overrides": {"gate_bias_init": -20.0}},
+        "data": {"train_paths": [prefix], "tokenizer": tokenizer, "split": "100,0,0", "num_workers": 0},
+        "ponder": {"start": 1, "halt_during_stage1": halt_during_stage1},  # step 1: stage 1; step 2: not
+        "checkpoint": {"interval": 0},
+        "logging": {"log_interval": 1, "eval_interval": 0, "progress_bar": False},
+        "seq_len": 32,
+        "micro_batch_size": 4,
+        "global_batch_size": 4,
+        "train_steps": 2,
+        "precision": "fp32",
+        "deepspeed_config": "ds_configs/zero1.json",
+    }
+    path = tmp_path / f"hold-{halt_during_stage1}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "training" / "pretrain.py"), "--config", str(path)],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("ponder/mean_passes")}
+
+
+def test_halting_held_off_during_stage1_only(tmp_path, train_shards):
+    assert _passes_by_step(tmp_path, train_shards, halt_during_stage1=False) == {1: 4.0, 2: 1.0}
+    assert _passes_by_step(tmp_path, train_shards, halt_during_stage1=True) == {1: 1.0, 2: 1.0}
+
+
+def test_corpus_is_split_by_package_and_deterministic(tmp_path):
+    from experiments.corpus import TRAIN_PACKAGES, VALID_PACKAGES, SplitSpec, package_root, write_split
+
+    assert not set(TRAIN_PACKAGES) & set(VALID_PACKAGES)
+    spec = SplitSpec("valid", VALID_PACKAGES, 200_000)
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    facts = write_split(spec, first)
+    write_split(spec, second)
+    assert first.read_bytes() == second.read_bytes()
+    assert 0 < facts["bytes"] <= spec.max_bytes
+    texts = [json.loads(line)["text"] for line in first.read_text().splitlines()]
+    assert len(texts) == facts["documents"]
+    # Every document is the source of a file of one of the validation packages.
+    sources = {
+        name: {p.read_bytes().decode("utf-8", errors="replace") for p in package_root(name).rglob("*.py")}
+        for name in VALID_PACKAGES
+    }
+    assert all(any(text in files for files in sources.values()) for text in texts)
+    owners = {name for name, files in sources.items() for text in texts if text in files}
+    assert len(owners) > 1  # the budget samples several packages, not the first one only
+
+
+def test_the_full_study_commits_its_results_and_ignores_its_run_state():
+    from experiments.arms import FULL
+    from experiments.study import EXPERIMENTS, Layout
+
+    layout = Layout(FULL, EXPERIMENTS / "work" / "full", EXPERIMENTS)
+    name = run_name(arms(FULL)[0], 1)
+    committed = [layout.result_file(name), layout.results / "table.csv", layout.out / "README.md"]
+    ignored = [layout.run_dir(name) / "checkpoints" / "latest", layout.data / "train.bin", layout.logs]
+    for path, expected in [(p, False) for p in committed] + [(p, True) for p in ignored]:
+        check = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO)
+        assert check.returncode == (0 if expected else 1), path
