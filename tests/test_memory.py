@@ -105,7 +105,7 @@ def test_activation_estimate_matches_the_measured_forward_and_backward(checkpoin
     assert kept == pytest.approx(after_forward - params, rel=0.1)
     assert kept + transient == pytest.approx(peak - params, rel=0.1)
     # Checkpointing must matter, or the comparison above would not tell the two modes apart.
-    assert activation_bytes(config, 256, 4, True)[0] < 0.5 * activation_bytes(config, 256, 4, False)[0]
+    assert activation_bytes(config, 256, 4, True)[0] < 0.6 * activation_bytes(config, 256, 4, False)[0]
 
 
 def test_model_states_agree_with_deepspeeds_estimator():

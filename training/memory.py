@@ -24,13 +24,17 @@ layers, K passes), from what each operation of model/modeling.py saves for backw
                                 attention output and its reshaped copy, MLP input and GELU output)
     one layer, later passes      8 D + 2 I (K/V alignment: `where` makes new k, v; the fused q|k|v
                                 output is freed)
-    between passes               3 D + 2 G (final-norm input and output, mixture, gate MLP) plus
-                                the mixture's fp32 softmax [V] (and its bf16 copy in bf16)
+    between passes               3 D + 2 G (final-norm input and output, mixture, gate MLP); the
+                                mixture runs in token chunks and recomputes them in backward
+                                (model/modeling.py), so no [V] tensor is kept between passes
     after the last pass          3 D + the logits [V] (kept by the output) + fp32 log-softmax [V]
 
 Under activation checkpointing a layer keeps only its input x and, after the first pass, the
-previous pass's aligned K/V (3 D), and the mixture is recomputed in backward (model/modeling.py),
-so no [V] tensor is kept between passes. The formulas were checked against torch's MemTracker on
+previous pass's aligned K/V (3 D). The backward's transient peak is the larger of the loss's [T, V]
+gradients and the mixture's backward: two fp32 [chunk, V] tensors (the recomputed probabilities and
+their gradient; a chunk is MIXTURE_CHUNK_BYTES of fp32 logits) plus the fp32 weight-gradient
+accumulators of both vocabulary tables; under checkpointing plus one recomputed layer.
+The formulas were checked against torch's MemTracker on
 CPU for tiny configs (tests/test_memory.py) and against measured peaks of 2-rank ZeRO-3 runs
 (benchmarks/bench_memory.py; BENCHMARKS.md "Memory"). On a GPU add the CUDA context (~0.5-1 GiB)
 and allocator fragmentation: the "fits" figure keeps 10% and 1 GiB in reserve.
@@ -45,6 +49,7 @@ from typing import Any
 import torch
 
 from model import AdaPonderConfig, AdaPonderForCausalLM
+from model.modeling import MIXTURE_CHUNK_BYTES
 
 GIB = 2**30
 FP32 = 4
@@ -127,19 +132,18 @@ def activation_bytes(
         rest = ((8 * d + 2 * i) * p + stats) if config.adaptive else first
         per_layer = first + later * rest
     gate = (2 * g * p + 2 * FP32) if config.adaptive else 0
-    mixture_saved = 0 if checkpointing else FP32 * v + (v * p if p != FP32 else 0)
-    between = 3 * d * p + gate + mixture_saved
+    between = 3 * d * p + gate
     last = 3 * d * p + v * p + FP32 * v
     kept = layers * per_layer + later * between + last
     # Backward: the loss's gradient [V] in fp32 and the logits' gradient (and its cast).
-    loss_transient = 2 * FP32 * v + (v * p if p != FP32 else 0)
-    transient = loss_transient
-    if checkpointing and later:
-        # Recomputed mixture: logits, softmax, grad of P, grad of the logits (fp32; bf16 casts) while
-        # the final log-softmax has been freed.
-        recompute = (v * p + 3 * FP32 * v + (2 * v * p if p != FP32 else 0)) - FP32 * v
-        transient = max(transient, recompute)
-    return kept * tokens, transient * tokens
+    transient = (2 * FP32 * v + (v * p if p != FP32 else 0)) * tokens
+    if later:
+        chunk = min(tokens, max(1, MIXTURE_CHUNK_BYTES // (FP32 * v)))
+        mixture = 2 * FP32 * chunk * v + 2 * FP32 * v * d
+        if checkpointing:
+            mixture += ((10 * d + 2 * i) * p + stats) * tokens  # one layer recomputed
+        transient = max(transient, mixture)
+    return kept * tokens, transient
 
 
 @dataclass
@@ -257,15 +261,22 @@ class MemoryPlan:
     def max_micro_batch(self, device_bytes: int, checkpointing: bool | None = None) -> int:
         """The largest micro-batch whose planned peak leaves 10% and 1 GiB of `device_bytes` free."""
         usable = 0.9 * device_bytes - GIB
-        fixed, one = self.phase_peaks(0, checkpointing), self.phase_peaks(1, checkpointing)
-        if any(value > usable for value in fixed.values()):
+
+        def fits(micro_batch: int) -> bool:
+            return self.peak(micro_batch, checkpointing) <= usable
+
+        # The peak grows with the micro-batch, not linearly (the mixture's backward works in chunks
+        # of fixed size): double, then bisect.
+        if not fits(1):
             return 0
-        # Each phase's peak is linear in the micro-batch (activations); the model states are not.
-        return min(
-            int((usable - fixed[phase]) // (one[phase] - fixed[phase]))
-            for phase in fixed
-            if one[phase] > fixed[phase]
-        )
+        low = 1
+        while fits(2 * low) and low < 2**20:
+            low *= 2
+        high = 2 * low  # fits(low), not fits(high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        return low
 
     def activation_per_sample(self, checkpointing: bool | None = None) -> int:
         kept, transient = self.activations(1, checkpointing)
