@@ -66,12 +66,13 @@ def test_checkpoints_of_which_none_is_complete_are_an_error_not_a_fresh_start(so
     result = train(config, nproc=1, expect=2)  # torchrun would turn the exit status 2 into 1
     assert "holds checkpoints but none is complete and loadable" in result.stderr
     assert f"{checkpoints / tag_for(2) / SHARD} has 1000 bytes" in result.stderr
-    # Nothing deleted, moved, overwritten or started; ranks/ holds each launch's own status record
-    # (training/rank_status.py, diagnostics for failure reports), not run state.
-    after = listing(run_dir(config))
-    assert {k: v for k, v in after.items() if not k.startswith("ranks/")} == {
-        k: v for k, v in before.items() if not k.startswith("ranks/")
-    }
+
+    # Nothing deleted, moved, overwritten or started. run.lock and ranks/ record each launch (its pid
+    # and host; its phase and memory for failure reports: training/rank_status.py), not run state.
+    def run_state(files: dict[str, int]) -> dict[str, int]:
+        return {k: v for k, v in files.items() if k != "run.lock" and not k.startswith("ranks/")}
+
+    assert run_state(listing(run_dir(config))) == run_state(before)
 
 
 def test_a_damaged_shard_is_named_and_the_previous_complete_checkpoint_resumed(
