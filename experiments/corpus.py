@@ -10,10 +10,11 @@ budget is reached. Test suites are left out: they are repetitive and not in ever
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from data.builtin_corpus import write_source_jsonl
 
 # Library code of very different kinds in training; validation is packages never seen in training.
 TRAIN_PACKAGES = (
@@ -73,25 +74,5 @@ def _interleaved(packages: tuple[str, ...]) -> list[Path]:
 
 
 def write_split(spec: SplitSpec, out_path: Path) -> dict[str, int]:
-    """One `{"text": source}` line per non-empty file until `max_bytes`; atomic (temp, then rename)."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
-    written = documents = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for path in _interleaved(spec.packages):
-                text = path.read_bytes().decode("utf-8", errors="replace")
-                if not text.strip():
-                    continue
-                line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
-                size = len(line.encode("utf-8"))
-                if written + size > spec.max_bytes:
-                    continue  # a smaller file later may still fit; the order stays deterministic
-                f.write(line)
-                written += size
-                documents += 1
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return {"documents": documents, "bytes": written}
+    """One `{"text": source}` line per non-empty file, skipping any that would pass `max_bytes`."""
+    return write_source_jsonl(_interleaved(spec.packages), out_path, spec.max_bytes, skip_oversized=True)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data import DataConfig, build_datasets
-from data.builtin_corpus import build_builtin_corpus
+from data.builtin_corpus import build_builtin_corpus, write_source_jsonl
 from data.indexed import MMapIndexedDataset, MMapIndexedDatasetBuilder
 from data.loader import build_dataloader
 from data.preprocess import main, preprocess
@@ -48,6 +48,30 @@ def test_builtin_corpus_is_deterministic_and_capped(corpus, corpus_texts, tmp_pa
     assert 10 < len(corpus_texts) and os.path.getsize(corpus) <= 400_000
     assert all(t.strip() for t in corpus_texts)
     assert not any("import unittest" in t and "class Test" in t for t in corpus_texts)  # no test modules
+
+
+def test_source_jsonl_bytes_are_stable(tmp_path):
+    """The exact bytes of the jsonl writer: corpora written before (the study's) must stay valid."""
+    contents = {
+        "a.py": 'print("\u00e9")\n'.encode(),
+        "blank.py": b" \n",
+        "latin1.py": b"x = '\xff'\n",
+        "big.py": b"y" * 100,
+        "c.py": b"z\n",
+    }
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+    sources = [tmp_path / name for name in contents]
+    a = b'{"text": "print(\\"\xc3\xa9\\")\\n"}\n'
+    latin1 = b'{"text": "x = \'\xef\xbf\xbd\'\\n"}\n'
+    c = b'{"text": "z\\n"}\n'
+    budget = len(a + latin1 + c)  # big.py's line does not fit; c.py's fits exactly
+    stop, skip = tmp_path / "out" / "stop.jsonl", tmp_path / "out" / "skip.jsonl"
+    assert write_source_jsonl(sources, stop, budget, skip_oversized=False) == {"documents": 2, "bytes": 52}
+    assert stop.read_bytes() == a + latin1
+    assert write_source_jsonl(sources, skip, budget, skip_oversized=True) == {"documents": 3, "bytes": 68}
+    assert skip.read_bytes() == a + latin1 + c
+    assert sorted(p.name for p in skip.parent.iterdir()) == ["skip.jsonl", "stop.jsonl"]  # no temporary left
 
 
 def test_bpe_tokenizer_is_a_byte_level_hf_directory(bpe_dir):
