@@ -5,6 +5,8 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,11 +16,11 @@ from test_training_run import command, environment, make_config
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from model import AdaPonderConfig, AdaPonderForCausalLM
-from training import metrics, pretrain
+from training import metrics, pretrain, rank_status
 from training.config import plan_batches, read_config
 from training.engine import load_ds_config, zero3_model_states_estimate
 from training.memory import activation_bytes, plan_memory
-from training.rank_status import read_statuses
+from training.rank_status import RankStatus, read_statuses
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO3 = REPO / "ds_configs" / "zero3.json"
@@ -239,3 +241,72 @@ def _wait_for_step(run: Path, rank: int, step: int, proc: subprocess.Popen, time
             return record
         time.sleep(0.05)
     raise AssertionError(f"rank {rank} did not reach step {step}")
+
+
+_MAIN_THREAD_IO: list | None = None  # while a list: file opens and renames of the main thread
+
+
+def _audit_main_thread_io(event: str, args: tuple) -> None:
+    if (
+        _MAIN_THREAD_IO is not None
+        and event in ("open", "os.rename")
+        and threading.current_thread() is threading.main_thread()
+    ):
+        _MAIN_THREAD_IO.append((event, str(args[0])))
+
+
+def _wait_for_status(run_dir: Path, **expected) -> dict:
+    deadline = time.time() + 30  # generous: a loaded machine; the heartbeats below are 60 s or 0.05 s
+    while time.time() < deadline:
+        record = read_statuses(run_dir).get(0, {})
+        if all(record.get(k) == v for k, v in expected.items()):
+            return record
+        time.sleep(0.01)
+    raise AssertionError(f"status never showed {expected}: {record}")
+
+
+def test_entering_a_phase_does_no_file_io_and_the_thread_writes_it(tmp_path, monkeypatch):
+    """enter() on the training path only records the phase; the status thread writes the file (at
+    once for phases outside the steady micro-batch loop, else at its heartbeat), and finish() writes
+    the last phase itself."""
+    global _MAIN_THREAD_IO
+    writers = []
+    write = rank_status._write_json
+
+    def counted(path: Path, text: str) -> None:
+        writers.append(threading.current_thread().name)
+        write(path, text)
+
+    monkeypatch.setattr(rank_status, "_write_json", counted)
+    sys.addaudithook(_audit_main_thread_io)  # stays for the process; records only inside this test
+    status = RankStatus(tmp_path, 0, 1, heartbeat_s=60.0, breakdown_steps=1)
+    assert writers == ["MainThread"]  # the launch itself, from the constructor
+    for phase in ("forward", "backward", "step"):
+        status.enter(phase, 1, 0)
+    status.enter("forward", 2, 0)  # closes step 1's breakdown entry
+    try:
+        _MAIN_THREAD_IO = []
+        for step in (2, 3):
+            for phase in ("forward", "backward", "step") if step == 3 else ("backward", "step"):
+                status.enter(phase, step, 0)
+        assert _MAIN_THREAD_IO == []  # the steady state: no /proc, no status file
+        status.enter("eval", 3)
+        assert not any(str(tmp_path) in path for _, path in _MAIN_THREAD_IO)
+    finally:
+        _MAIN_THREAD_IO = None
+    # No heartbeat within 60 s: only the wake-up of a notable phase writes it.
+    _wait_for_status(tmp_path, phase="eval", step=3)
+    assert set(writers[1:]) == {"rank-status"}
+    status.enter("forward", 4, 0)
+    status.enter("backward", 4, 0)
+    status.finish(RuntimeError("out of memory"))
+    record = read_statuses(tmp_path)[0]
+    assert record["phase"] == "failed" and record["failed_in"] == {"phase": "backward", "step": 4, "micro": 0}
+    assert set(record["breakdown"]) == {"init", "forward@1", "backward@1", "step@1"}
+
+    beating = RankStatus(tmp_path / "beating", 0, 1, heartbeat_s=0.05, breakdown_steps=0)
+    beating.enter("forward", 7, 1)  # notable: it ends "init"
+    beating.enter("backward", 7, 1)  # routine: written by the next heartbeat
+    _wait_for_status(tmp_path / "beating", phase="backward", step=7, micro=1)
+    beating.finish()
+    assert read_statuses(tmp_path / "beating")[0]["phase"] == "exited"

@@ -1,18 +1,24 @@
 """What every rank is doing and how much memory it holds, on disk, so that a dead rank can be named.
 
-Each rank writes `<run_dir>/ranks/rank-<r>.json` when it enters a phase (init, forward, backward,
-step, eval, checkpoint) and every `heartbeat_s` seconds from a thread: phase, step, micro-batch,
-resident memory now, its peak within the phase and over the run, and the accelerator allocator's
-figures on a GPU. When the kernel's OOM killer (SIGKILL) ends a rank, the others only see a
-collective fail ("connection reset by peer") or hang; the watchdog thread of every rank notices the
-peer's process is gone (same host: its pid; another host: its heartbeat stops) and prints which
-rank died, what it was doing and its last measured peak, and writes the same to
-`<run_dir>/ranks/failure.txt`. A rank that catches an exception records it ("failed") before
-exiting, so that the others report that instead.
+Each rank keeps `<run_dir>/ranks/rank-<r>.json`: phase (init, forward, backward, step, eval,
+checkpoint), step, micro-batch, resident memory now, its peak since the last measured phase and
+over the run, and the accelerator allocator's figures on a GPU. Entering a phase only records it in
+memory; a thread writes the file every `heartbeat_s` seconds, at once when a phase outside the
+steady micro-batch loop begins or ends (init, eval, checkpoint, the first `breakdown_steps` steps),
+and the rank writes it a last time when it exits or fails. So the training loop does no file I/O
+per micro-batch, and a rank killed there is described as of its last heartbeat.
 
-Per-phase peaks on CPU come from the kernel's resident-size high-water mark (VmHWM), reset at
-each phase entry through /proc/self/clear_refs; on a GPU from the caching allocator's peak,
-reset the same way. The first `breakdown_steps` steps' figures are kept per phase ("breakdown").
+When the kernel's OOM killer (SIGKILL) ends a rank, the others only see a collective fail
+("connection reset by peer") or hang; the watchdog thread of every rank notices the peer's process
+is gone (same host: its pid; another host: its heartbeat stops) and prints which rank died, what it
+was doing and its last measured peak, and writes the same to `<run_dir>/ranks/failure.txt`. A rank
+that catches an exception records it ("failed") before exiting, so that the others report that
+instead.
+
+Per-phase peaks on CPU come from the kernel's resident-size high-water mark (VmHWM), reset at the
+entry of each phase outside the steady loop through /proc/self/clear_refs; on a GPU from the
+caching allocator's peak, reset the same way. The first `breakdown_steps` steps' figures are kept
+per phase ("breakdown"); after them the marks run on, so the heartbeat still sees the run's peak.
 """
 
 from __future__ import annotations
@@ -51,10 +57,10 @@ def resident_gib() -> float:
     return (kib or 0) / 2**20
 
 
-def _reset_peak() -> bool:
+def _reset_peak(device: int | None = None) -> bool:
     """Start a new high-water mark of resident memory (and of the GPU allocator's peak)."""
     if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (Linux >= 4.0)
         return True
@@ -62,13 +68,14 @@ def _reset_peak() -> bool:
         return False
 
 
-def memory_now() -> dict[str, float]:
-    """Resident size now and its peak since the last reset; the GPU allocator's, when there is one."""
+def memory_now(device: int | None = None) -> dict[str, float]:
+    """Resident size now and its peak since the last reset; the GPU allocator's, when there is one
+    (of `device`: a thread's current device is not the rank's)."""
     figures = {"rss_gib": resident_gib(), "peak_rss_gib": (_proc_status_kib("VmHWM") or 0) / 2**20}
     if torch.cuda.is_available():
-        figures["device_allocated_gib"] = torch.cuda.memory_allocated() / GIB
-        figures["device_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
-        figures["device_reserved_gib"] = torch.cuda.memory_reserved() / GIB
+        figures["device_allocated_gib"] = torch.cuda.memory_allocated(device) / GIB
+        figures["device_peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        figures["device_reserved_gib"] = torch.cuda.memory_reserved(device) / GIB
     return figures
 
 
@@ -88,9 +95,9 @@ def status_path(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / STATUS_DIR / f"rank-{rank}.json"
 
 
-def _write_json(path: Path, record: dict[str, Any]) -> None:
+def _write_json(path: Path, text: str) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -115,7 +122,11 @@ class RankStatus:
             breakdown_steps,
             abort_after_s,
         )
-        self._lock = threading.Lock()
+        self._device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        self._lock = threading.Lock()  # the record, shared by the training thread and the writer
+        # Orders the writes: the record is read inside it, so the last write holds the latest record.
+        self._write_lock = threading.Lock()
+        self._wake = threading.Event()
         self._record: dict[str, Any] = {
             "rank": rank,
             "pid": os.getpid(),
@@ -129,6 +140,7 @@ class RankStatus:
         self._reported = False
         self._stop = threading.Event()
         self.enter("init")
+        self._flush()  # the launch is on disk before anything else can fail
         self._thread = threading.Thread(target=self._watch, name="rank-status", daemon=True)
         self._thread.start()
 
@@ -136,23 +148,36 @@ class RankStatus:
     # This rank.
 
     def enter(self, phase: str, step: int | None = None, micro: int | None = None) -> None:
-        """Close the current phase (its memory figures) and start `phase` of `step` / `micro`."""
+        """Start `phase` of `step` / `micro`, in memory only: the heartbeat thread writes it.
+
+        Between two micro-batch phases after the first `breakdown_steps` steps that is all (no I/O);
+        otherwise the closing phase's memory is measured (/proc), the peaks are reset and the thread
+        is woken to write the file at once."""
         with self._lock:
-            self._close_phase()
-            _reset_peak()
+            current = self._record.get("step"), self._record.get("micro")
+            notable = not (self._routine(step, micro) and self._routine(*current))
+            if notable:
+                self._close_phase()
+                _reset_peak(self._device)
             self._record.update(phase=phase, step=step, micro=micro, since=time.time())
-            self._refresh()
+        if notable:
+            self._wake.set()
+
+    def _routine(self, step: int | None, micro: int | None) -> bool:
+        """A phase of a micro-batch after the breakdown steps: the steady state of training."""
+        return micro is not None and step is not None and step > self._breakdown_steps
 
     def finish(self, error: BaseException | None = None) -> None:
         """The rank leaves: cleanly ("exited") or with `error` ("failed"), which the others report."""
         self._stop.set()
+        self._wake.set()
         with self._lock:
             self._close_phase()
             if error is not None:
                 self._record["failed_in"] = {k: self._record.get(k) for k in ("phase", "step", "micro")}
                 self._record["error"] = f"{type(error).__name__}: {error}"[:2000]
             self._record.update(phase="failed" if error is not None else "exited", since=time.time())
-            self._refresh()
+        self._flush()
 
     def describe_self(self) -> str:
         with self._lock:
@@ -162,7 +187,7 @@ class RankStatus:
         phase = self._record.get("phase")
         if phase is None or phase in FINISHED:
             return
-        figures = memory_now()
+        figures = memory_now(self._device)
         _note_peaks(figures)
         step = self._record.get("step")
         if step is None or step <= self._breakdown_steps:
@@ -171,29 +196,43 @@ class RankStatus:
             for name, value in figures.items():
                 kept[name] = max(kept.get(name, 0.0), value)
 
-    def _refresh(self) -> None:
-        figures = memory_now()
-        _note_peaks(figures)
-        self._record.update(figures, run_peak_rss_gib=_RUN_PEAK["peak_rss_gib"], updated=time.time())
-        if torch.cuda.is_available():
-            self._record["run_peak_device_gib"] = _RUN_PEAK["device_peak_gib"]
-        _write_json(self.path, self._record)
+    def _flush(self) -> None:
+        """Write the record with the memory figures of now."""
+        with self._write_lock:
+            figures = memory_now(self._device)
+            with self._lock:  # serialized inside: enter() may change the record (its breakdown too)
+                _note_peaks(figures)
+                self._record.update(figures, run_peak_rss_gib=_RUN_PEAK["peak_rss_gib"], updated=time.time())
+                if torch.cuda.is_available():
+                    self._record["run_peak_device_gib"] = _RUN_PEAK["device_peak_gib"]
+                text = json.dumps(self._record, indent=1)
+            _write_json(self.path, text)
 
     # ----------------------------------------------------------------------------------------------
     # The other ranks.
 
     def _watch(self) -> None:
-        while not self._stop.wait(self._heartbeat_s):
-            with self._lock:
-                self._refresh()
-            if self._reported:
-                continue
-            report = peer_failure_report(
-                self.run_dir, self.rank, self.world_size, 10 * self._heartbeat_s, self.run_id
-            )
-            if report is not None:
-                self.report(report)
-                threading.Thread(target=self._abort_later, daemon=True).start()
+        """Write this rank's file when woken and at every heartbeat; then look at the other ranks."""
+        next_beat = time.monotonic() + self._heartbeat_s
+        while True:
+            self._wake.wait(max(0.0, next_beat - time.monotonic()))
+            self._wake.clear()  # before the write, which then holds whatever woke it
+            if self._stop.is_set():
+                return
+            self._flush()
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self._heartbeat_s
+                self._check_peers()
+
+    def _check_peers(self) -> None:
+        if self._reported:
+            return
+        report = peer_failure_report(
+            self.run_dir, self.rank, self.world_size, 10 * self._heartbeat_s, self.run_id
+        )
+        if report is not None:
+            self.report(report)
+            threading.Thread(target=self._abort_later, daemon=True).start()
 
     def report(self, text: str) -> None:
         """Print the failure report once (stderr, through the launcher) and keep it in the run dir."""
