@@ -39,6 +39,7 @@ STATUS_DIR = "ranks"
 FINISHED = ("exited", "failed")
 # The process's peaks over the run; per-phase resets of the kernel's and allocator's marks lose them.
 _RUN_PEAK = {"peak_rss_gib": 0.0, "device_peak_gib": 0.0}
+_RUN_PEAK_LOCK = threading.Lock()  # the status thread and the training thread (metrics) both note peaks
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -87,8 +88,9 @@ def run_peak_gib() -> float:
 
 
 def _note_peaks(figures: dict[str, float]) -> None:
-    for name in _RUN_PEAK:
-        _RUN_PEAK[name] = max(_RUN_PEAK[name], figures.get(name, 0.0))
+    with _RUN_PEAK_LOCK:
+        for name in _RUN_PEAK:
+            _RUN_PEAK[name] = max(_RUN_PEAK[name], figures.get(name, 0.0))
 
 
 def status_path(run_dir: Path, rank: int) -> Path:
