@@ -320,6 +320,81 @@ def plot_nll_by_passes(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], 
     plt.close(fig)
 
 
+def _curve_at(curve: list[list[float]], step: int) -> float:
+    """The logged value at the last logged step <= `step` (nan if none)."""
+    before = [v for s, v in curve if s <= step]
+    return before[-1] if before else math.nan
+
+
+def stage1_rows(layout: Layout, by_arm: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per adaptive arm: training mean passes at the end of stage 1 and at the end, and the mean
+    ponder loss once it was on: the mean of the lowest k of the gate values, near 0 when a fraction
+    k_max of them already sits at 0 (the gates closed on their own) and the loss has nothing to do."""
+    s0 = layout.scale.stage1
+    rows = []
+    for arm in [a for a in arms(layout.scale) if a.adaptive]:
+        curves = [r["training_curve"] for r in by_arm[arm.name] if "training_curve" in r]
+        if not curves:
+            continue
+        after = [[v for s, v in c["ponder_loss"] if s > s0] for c in curves]
+        rows.append(
+            {
+                "arm": arm.name,
+                "seeds": len(curves),
+                "at_s0": [_curve_at(c["mean_passes"], s0) for c in curves],
+                "final": [c["mean_passes"][-1][1] for c in curves],
+                "ponder_loss": [float(np.mean(a)) if a else math.nan for a in after],
+                "first_halting": [
+                    next((s for s, v in c["mean_passes"] if v < PASSES - 0.01), math.nan) for c in curves
+                ],
+            }
+        )
+    return rows
+
+
+def stage1_table(layout: Layout, rows: list[dict[str, Any]]) -> list[str]:
+    s0 = layout.scale.stage1
+    lines = [
+        f"| arm | seeds | first logged step with passes < {PASSES - 0.01:g} | training passes at step {s0} "
+        "(end of stage 1) | training passes at the end | mean ponder loss after stage 1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['arm']} | {r['seeds']} | {pm(r['first_halting'], '.0f')} | {pm(r['at_s0'])} | "
+            f"{pm(r['final'])} | {pm(r['ponder_loss'], '.2e')} |"
+        )
+    return lines
+
+
+def plot_training_passes(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, arm in enumerate(arms(layout.scale)):
+        curves = [r["training_curve"]["mean_passes"] for r in by_arm[arm.name] if "training_curve" in r]
+        if not arm.adaptive or not curves:
+            continue
+        steps = sorted(set.intersection(*[{s for s, _ in c} for c in curves]))
+        means = [np.mean([dict(map(tuple, c))[s] for c in curves]) for s in steps]
+        ax.plot(steps, means, color=f"C{i}", label=f"{arm.name} ({len(curves)} seeds)")
+    s0, s1 = layout.scale.stage1, layout.scale.stage1 + layout.scale.ramp
+    ax.axvline(s0, color="gray", ls="--", lw=0.8)
+    ax.axvline(s1, color="gray", ls=":", lw=0.8)
+    ax.set_xlabel(f"training step (dashed: ponder loss starts, S0 = {s0}; dotted: k reaches k_max)")
+    ax.set_ylabel("mean passes per token (training batches)")
+    ax.set_title("When the gates start halting (mean over seeds)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------------------------------
 # Claims.
 
@@ -412,6 +487,16 @@ def claims(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], prune: list[
         )
     else:
         lines.append("- not measured yet.")
+    for r in stage1_rows(layout, by_arm):
+        lines.append(
+            f"- {r['arm']}: {pm(r['at_s0'])} passes at the end of stage 1 (step {layout.scale.stage1}); the "
+            f"mean ponder loss after it was {pm(r['ponder_loss'], '.2e')} "
+            + (
+                "(the gates had closed on their own before the ponder loss started)."
+                if np.nanmean(r["at_s0"]) < PASSES - 0.05
+                else "(the gates were still open when the ponder loss started)."
+            )
+        )
     lines.append(
         "- The default stays `optimizer.gate_lr_multiplier: 0.1` with `ponder.halt_during_stage1: true` "
         "unless holding halting off is better here by more than 2 standard errors over 3 seeds."
@@ -512,6 +597,7 @@ def write_report(layout: Layout) -> Path:
     write_csv(rows, layout.results / "table.csv")
     plot_compute(layout, by_arm, layout.results / "ppl_vs_compute.png")
     plot_nll_by_passes(layout, by_arm, layout.results / "nll_by_passes.png")
+    plot_training_passes(layout, by_arm, layout.results / "training_passes.png")
     missing = _missing(layout)
     rel = layout.results.relative_to(layout.out)
     try:
@@ -553,6 +639,12 @@ def write_report(layout: Layout) -> Path:
         "### Learned halting against fixed pruning (loss in nats; positive: the fixed policy is worse)",
         "",
         *pruning_table(prune),
+        "",
+        "### Stage 1: when the gates start halting (training batches, from the TensorBoard logs)",
+        "",
+        *stage1_table(layout, stage1_rows(layout, by_arm)),
+        "",
+        f"![training mean passes]({rel}/training_passes.png)",
         "",
         "### Tau sweep",
         "",

@@ -201,11 +201,48 @@ def evaluate(layout: Layout, arm: Arm, seed: int) -> None:
         eval_wall_seconds=time.perf_counter() - started,
         trainer_eval=summary["eval"],
     )
-    out = layout.result_file(name)
+    result["training_curve"] = training_curve(run_dir)
+    write_result(layout.result_file(name), result)
+
+
+def write_result(out: Path, result: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out)
+
+
+CURVE_TAGS = {
+    "mean_passes": "ponder/mean_passes",
+    "ponder_loss": "train/ponder_loss",
+    "lm_loss": "train/lm_loss",
+}
+
+
+def training_curve(run_dir: Path) -> dict[str, list[list[float]]]:
+    """[step, value] pairs of the logged mean passes, ponder loss and LM loss (TensorBoard scalars):
+    when the gates began to halt tokens, and whether the ponder loss ever had work to do."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    curve = {}
+    for key, tag in CURVE_TAGS.items():
+        by_step = {e.step: e.value for e in events.Scalars(tag)}  # a resumed run logs some steps twice
+        curve[key] = [[step, by_step[step]] for step in sorted(by_step)]
+    return curve
+
+
+def backfill_training_curve(layout: Layout, name: str) -> bool:
+    """Add the training curve to a result written before results carried one (from its run's logs)."""
+    path = layout.result_file(name)
+    result = json.loads(path.read_text())
+    tensorboard = layout.run_dir(name) / "tensorboard"
+    if "training_curve" in result or not tensorboard.is_dir():
+        return False
+    result["training_curve"] = training_curve(layout.run_dir(name))
+    write_result(path, result)
+    return True
 
 
 def task(layout: Layout, arm: Arm, seed: int, exit_at_step: int | None) -> str:
@@ -216,7 +253,7 @@ def task(layout: Layout, arm: Arm, seed: int, exit_at_step: int | None) -> str:
     """
     name = run_name(arm, seed)
     if layout.result_file(name).is_file():
-        return "done"
+        return "done (training curve added)" if backfill_training_curve(layout, name) else "done"
     run_dir = layout.run_dir(name)
     run_dir.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()

@@ -65,6 +65,9 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
     for arm in arms(SMOKE):
         r = results[run_name(arm, SMOKE.seeds[0])]
         assert r["adaptive"] == arm.adaptive
+        curve = r["training_curve"]
+        assert [s for s, _ in curve["lm_loss"]] == list(range(1, SMOKE.train_steps + 1))
+        assert all(1.0 <= v <= 4.0 for _, v in curve["mean_passes"])
         if arm.adaptive:
             assert [p["tau"] for p in r["tau_sweep"]] == sorted(SMOKE.taus)
             for point in r["tau_sweep"]:
@@ -74,7 +77,9 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
     assert "PARTIAL" not in readme
     for arm in arms(SMOKE):
         assert f"| {arm.label} | 1 |" in readme
-    for plot in ("ppl_vs_compute.png", "nll_by_passes.png"):
+    stage1 = readme.split("### Stage 1")[1].split("###")[0]
+    assert sum(line.startswith("| adaponder") for line in stage1.splitlines()) == 3
+    for plot in ("ppl_vs_compute.png", "nll_by_passes.png", "training_passes.png"):
         assert (out / "results" / plot).read_bytes()[:4] == b"\x89PNG"
     assert len((out / "results" / "table.csv").read_text().splitlines()) == 1 + len(arms(SMOKE))
 
@@ -84,6 +89,17 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
     assert again.stdout.count(": done") == len(names)
     assert stamps == {n: (out / "results" / "by_run" / f"{n}.json").stat().st_mtime_ns for n in names}
     assert json.loads((work / "runs" / "adaponder-s1" / "wall.json").read_text())["invocations"] == 2
+
+    # A result written before results carried the training curve gets it from the run's logs.
+    from experiments.study import Layout, backfill_training_curve
+
+    layout = Layout(SMOKE, work, out)
+    path = layout.result_file("adaponder-s1")
+    full = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in full.items() if k != "training_curve"}))
+    assert backfill_training_curve(layout, "adaponder-s1")
+    assert json.loads(path.read_text()) == full
+    assert not backfill_training_curve(layout, "adaponder-s1")
 
 
 def _passes_by_step(tmp_path: Path, train_shards, halt_during_stage1: bool) -> dict[int, float]:
