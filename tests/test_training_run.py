@@ -6,6 +6,7 @@ resumed runs must match bit for bit.
 """
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -421,7 +422,9 @@ def test_continued_pretraining_trains_the_gates_alone_then_rewarms_the_backbone(
     state = json.loads((run / "checkpoints" / tag_for(2) / "train_state.json").read_text())
     assert state["sampler"]["start_sample"] == 40 and state["consumed_samples"] == 2 * GLOBAL_BATCH
     assert state["provenance"]["init_from"] == str((tmp_path / "pythia").resolve())
-    assert set(state["provenance"]["sha256"]) >= {"config.json", "model.safetensors"}
+    saved = (tmp_path / "pythia" / "model.safetensors").read_bytes()
+    assert state["provenance"]["sha256"]["model.safetensors"] == hashlib.sha256(saved).hexdigest()
+    assert "config.json" in state["provenance"]["sha256"]
 
     def backbone(step):
         return {n: t for n, t in weights(run, step).items() if not n.startswith("ponder_gates.")}

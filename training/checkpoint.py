@@ -105,7 +105,8 @@ def _file_owner(name: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks (checkpoint shards are GBs)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -119,7 +120,7 @@ def _describe_own_files(path: Path, rank: int) -> dict[str, dict[str, Any]]:
     for file in sorted(path.iterdir()):
         if file.is_file() and file.name != MANIFEST_FILE and _file_owner(file.name) == rank:
             fsync_path(file)
-            records[file.name] = {"size": file.stat().st_size, "sha256": _sha256(file), "rank": rank}
+            records[file.name] = {"size": file.stat().st_size, "sha256": sha256_file(file), "rank": rank}
     return records
 
 
@@ -162,7 +163,7 @@ def verify(path: Path, part: tuple[int, int] = (0, 1)) -> list[str]:
             problems.append(f"{file} is missing")
         elif file.stat().st_size != expected["size"]:
             problems.append(f"{file} has {file.stat().st_size} bytes, the manifest says {expected['size']}")
-        elif _sha256(file) != expected["sha256"]:
+        elif sha256_file(file) != expected["sha256"]:
             problems.append(f"{file} is damaged: its sha256 differs from the manifest's")
         elif file.suffix == ".pt":
             try:

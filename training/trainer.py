@@ -12,7 +12,6 @@ Under ZeRO-3 every rank must run the same modules the same number of times: the 
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -499,11 +498,7 @@ def _provenance(root: Path) -> dict[str, Any]:
     files = {}
     for path in sorted(root.iterdir()):
         if path.is_file() and path.suffix in (".json", ".safetensors", ".bin", ".model"):
-            digest = hashlib.sha256()
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    digest.update(block)
-            files[path.name] = digest.hexdigest()
+            files[path.name] = checkpoint.sha256_file(path)
     return {"init": "pretrained", "init_from": str(root.resolve()), "sha256": files}
 
 
