@@ -58,6 +58,7 @@ class AdaPonderCache:
         self._real_BC: torch.Tensor | None = None  # bool: position is a real token (not padding)
         self._passes_BC: torch.Tensor | None = None  # uint8: passes run (0 for padding)
         self.seq_length = 0
+        self.all_real = True  # no padding cached (kept conservatively: a crop does not reset it)
         self._chunk = (0, 0)  # positions [start, end) the current call writes
 
     @property
@@ -168,8 +169,22 @@ class AdaPonderCache:
         past_real_B = self.real.sum(-1) if past else torch.zeros(b, dtype=torch.long, device=real_BT.device)
         self.reserve(b, past + t, dtype, real_BT.device)
         self._real_BC[:, past : past + t] = real_BT
+        self.all_real = self.all_real and bool(real_BT.all())
         self._chunk = (past, past + t)
         return past_real_B, self._real_BC[:, : past + t]
+
+    def open_step(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Make room for one real new position per sequence (model/decode.py's step); returns the
+        real flags of every position then held [B, S]. No host sync."""
+        past = self.seq_length
+        self.reserve(batch_size, past + 1, dtype, device)
+        self._real_BC[:, past] = True
+        return self._real_BC[:, : past + 1]
+
+    def record_step(self, passes: torch.Tensor | int) -> None:
+        """Close open_step's position: the passes it ran ([B], or one count for every sequence)."""
+        self._passes_BC[:, self.seq_length] = passes
+        self.seq_length += 1
 
     def reopen_chunk(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Make the last `length` cached positions the current call's chunk again, to run more

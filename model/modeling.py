@@ -31,6 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from model.config import AdaPonderConfig
+from model.decode import active_mask, applies_to, decode_step
 from model.hf_compat import config_from_checkpoint, load_checkpoint_state_dict, match_state_dict
 from model.inference import checked_cache, chunk_real
 from model.sparse import AlignedKV, PassLayout, packed_attention, ponder_packed
@@ -541,13 +542,17 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         exit_passes: torch.Tensor | None = None,
         halt_threshold: float | None = None,
         max_passes: int | None = None,
+        fast_decode: bool = True,
+        output_halting: bool = True,
         **kwargs: Any,
     ) -> AdaPonderOutput:
         """K-pass pondering forward, dense (`dense=True`, the default in training mode) or sparse,
         skipping halted tokens (model/sparse.py; `dense=False`, the default in eval mode), with the
         same numbers and gradients. `halt_threshold` (tau) and `max_passes` override the config's
         for this call: the inference-time compute knob. See docs/model-api.md for arguments and
-        outputs."""
+        outputs. A single-token cached call runs model/decode.py's step unless `fast_decode=False`;
+        `output_halting=False` leaves passes, halted_fraction, mean_passes and flops unset (and the
+        decode step's gates; generate() asks for none of them)."""
         cache = cache if cache is not None else kwargs.get("past_key_values")
         self._check_input_ids(input_ids)
         if labels is not None and logits_to_keep:
@@ -562,6 +567,10 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         if cached:
             cache = checked_cache(cache, self.config)
             real_BT = chunk_real(attention_mask, b, t, cache.get_seq_length(), input_ids.device)
+            if fast_decode and applies_to(self, cache, real_BT, labels, exit_passes):
+                return self._decode_step(
+                    input_ids, position_ids, cache, tau, num_run, use_cache, output_halting
+                )
             position_ids = self._position_ids(position_ids, b, t, cache.get_seq_length(), input_ids.device)
             with torch.no_grad():  # the cache is written in place: inference only
                 past_real_B, real_BS = cache.begin_chunk(real_BT, self.dtype)
@@ -590,10 +599,46 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         out = AdaPonderOutput(logits=logits_BTV, gates=gates_UBT, cache=cache if returns_cache else None)
         if labels is not None:
             self._add_losses(out, labels, shift_labels, real_BT, ponder_lambda, ponder_k)
-        with torch.no_grad():
-            out.passes, out.halted_fraction, out.mean_passes = halting_stats(active_KBT, real_BT)
-            out.flops = forward_flops(self.config, active_KBT, real_BT, past_real_B)
+        if output_halting:
+            with torch.no_grad():
+                out.passes, out.halted_fraction, out.mean_passes = halting_stats(active_KBT, real_BT)
+                out.flops = forward_flops(self.config, active_KBT, real_BT, past_real_B)
         return out
+
+    def _decode_step(
+        self,
+        input_ids_B1: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        cache: Any,
+        tau: float,
+        num_run: int,
+        use_cache: bool | None,
+        output_halting: bool,
+    ) -> AdaPonderOutput:
+        """One new token per sequence through model/decode.py's fixed-shape step."""
+        cfg, b, device = self.config, input_ids_B1.shape[0], input_ids_B1.device
+        position_ids = self._position_ids(position_ids, b, 1, cache.get_seq_length(), device)
+        cos, sin = rotary_cos_sin(position_ids, cfg.rotary_ndims, cfg.rotary_emb_base, self.dtype)
+        past_real_B = cache.real.sum(-1) if output_halting else None
+        step = decode_step(self, input_ids_B1, cos, sin, cache, tau, num_run, output_halting)
+        out = AdaPonderOutput(
+            logits=self.embed_out(step.h_out), cache=cache if use_cache is not False else None
+        )
+        if output_halting:
+            with torch.no_grad():
+                active_KB1 = active_mask(step.passes, cfg.num_passes, b, device)
+                real_B1 = torch.ones(b, 1, dtype=torch.bool, device=device)
+                out.gates = torch.stack(step.gates)[..., None] if step.gates is not None else None
+                out.passes, out.halted_fraction, out.mean_passes = halting_stats(active_KB1, real_B1)
+                out.flops = forward_flops(cfg, active_KB1, real_B1, past_real_B)
+        return out
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """transformers' inputs of each generate() step, without the per-call halting statistics
+        (the cache records every position's passes) unless the caller asks for them."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        inputs.setdefault("output_halting", False)
+        return inputs
 
     @staticmethod
     def _position_ids(

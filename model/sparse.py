@@ -303,7 +303,7 @@ def ponder_packed(
             h_nD = pass0_h_BTD.reshape(b * t, -1)
             h_nD = h_nD if flat_n is None else h_nD[flat_n]
         else:
-            h_nD = _run_pass(model, e_nD, kv, i, lay)
+            h_nD = run_pass(model, e_nD, kv, i, lay)
         # Overwritten each pass: ends as the last active pass's output.
         h_out_XD = h_nD if flat_n is None else h_out_XD.index_put((flat_n,), h_nD)
         if i < num_run - 1:
@@ -319,7 +319,7 @@ def ponder_packed(
     )
 
 
-def _run_pass(model: Any, e_nD: torch.Tensor, kv: KVStore, pass_idx: int, lay: PassLayout) -> torch.Tensor:
+def run_pass(model: Any, e_nD: torch.Tensor, kv: KVStore, pass_idx: int, lay: PassLayout) -> torch.Tensor:
     """Final-norm output h [n, D] of one pass over the active tokens."""
     x_nD, new_kv = e_nD, []
     for layer, (k_prev, v_prev) in zip(model.gpt_neox.layers, kv.layer_kv(pass_idx)):
