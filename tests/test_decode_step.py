@@ -73,7 +73,7 @@ def test_decode_step_equals_the_general_cached_path(name, batch):
     passes = torch.cat([g.passes for g in general], 1)[mask[:, 4:].bool()]  # real positions
     if name == "K4-halting":
         assert set(passes.tolist()) == {1, 2, 3, 4}, "every exit pass must occur"
-    elif name != "K1":
+    elif name in ("K4-no-halting", "ponderlm"):
         assert (passes == model.config.num_passes).all()
 
 
