@@ -127,6 +127,27 @@ def decode_step(
     return DecodeResult(h_out_BD[:, None], passes_B, gates)
 
 
+def compiled_pass(**compile_kwargs: Any) -> PassFn:
+    """A pass function (model.sparse.run_pass) whose layers run through `torch.compile`: one graph
+    for every layer and pass (parameters are graph inputs), the key length dynamic. Outputs agree
+    with the eager pass to float rounding (fused elementwise ops), not bitwise."""
+    layer_fn = torch.compile(_layer_output, dynamic=True, **compile_kwargs)
+
+    def pass_fn(
+        model: Any, e_BD: torch.Tensor, cache: AdaPonderCache, pass_idx: int, lay: Any
+    ) -> torch.Tensor:
+        x_BD = e_BD
+        for layer, (k_store, v_store) in zip(model.gpt_neox.layers, cache.layer_kv(pass_idx)):
+            x_BD = layer_fn(layer, x_BD, k_store, v_store, lay)
+        return model.gpt_neox.final_layer_norm(x_BD)
+
+    return pass_fn
+
+
+def _layer_output(layer: Any, x_BD: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, lay: Any):
+    return layer(x_BD, None, None, None, k_store, v_store, layout=lay)[0]
+
+
 def _restore_halted(cache: AdaPonderCache, pass_idx: int, pos: int, active_B: torch.Tensor) -> None:
     """Pass `pass_idx`'s K/V at `pos`, every layer: rows not active copy pass `pass_idx - 1`'s."""
     kv = cache.kv

@@ -31,10 +31,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from model.config import AdaPonderConfig
-from model.decode import active_mask, applies_to, decode_step
+from model.decode import active_mask, applies_to, compiled_pass, decode_step
 from model.hf_compat import config_from_checkpoint, load_checkpoint_state_dict, match_state_dict
 from model.inference import checked_cache, chunk_real
-from model.sparse import AlignedKV, PassLayout, packed_attention, ponder_packed
+from model.sparse import AlignedKV, PassLayout, packed_attention, ponder_packed, run_pass
 from model.speculative import assisted_decoding
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -411,6 +411,38 @@ def forward_flops(
     return parts
 
 
+def decode_bytes(
+    config: AdaPonderConfig,
+    active_KBT: torch.Tensor,
+    context_BT: torch.Tensor,
+    element_size: int = 4,
+) -> dict[str, torch.Tensor]:
+    """Bytes a batch-1 decode of these tokens reads, by part, summed over the tokens (each decoded
+    alone: a step of a batch reads the weights once for all its rows), as `forward_flops` counts
+    work: a token active in pass i reads one backbone (every layer's weights and biases, the final
+    norm) and the cached K/V of pass i over its context (`context_BT`: cached real positions,
+    itself included); a gate after every pass but the last; the head and the embedding table for
+    each mixture (tokens going on to the next pass); the head once more for the final logits; one
+    row of the embedding table. `element_size`: bytes per weight (4 for fp32)."""
+    d, v, g = config.hidden_size, config.vocab_size, config.gate_intermediate_size
+    layer = 4 * d * d + 4 * d + 2 * d * config.intermediate_size + config.intermediate_size + d + 4 * d
+    backbone = config.num_hidden_layers * layer + 2 * d
+    gate = (d * g + 2 * g + 1) if config.adaptive else 0
+    active = active_KBT.double()
+    tokens = active[0].sum()
+    parts = {
+        "backbone": active.sum() * backbone,
+        "kv_cache": (active * context_BT.double()).sum() * 2 * config.num_hidden_layers * d,
+        "gates": active[:-1].sum() * gate,
+        "head": tokens * v * d,
+        "mixture": active[1:].sum() * 2 * v * d,
+        "embedding": tokens * d,
+    }
+    parts = {name: value * element_size for name, value in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 def halting_stats(active_KBT: torch.Tensor, real_BT: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Passes per position [B, T], fraction of real tokens whose last pass is j [K], mean passes."""
     passes_BT = active_KBT.sum(0)
@@ -480,7 +512,15 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         self.embed_out = PonderHead(config.hidden_size, config.vocab_size, bias=False)
         num_gates = config.num_passes - 1 if config.adaptive else 0
         self.ponder_gates = nn.ModuleList([PonderGate(config) for _ in range(num_gates)])
+        # The decode step's pass function (model/decode.py); None: model.sparse.run_pass, eager.
+        self.decode_pass = None
         self.post_init()
+
+    def compile_decode(self, **compile_kwargs: Any) -> None:
+        """Run the decode step's layers through `torch.compile` (model.decode.compiled_pass); opt-in:
+        the first steps compile (tens of seconds on CPU), and the outputs then agree with the eager
+        step to float rounding only. BENCHMARKS.md measures what it gains."""
+        self.decode_pass = compiled_pass(**compile_kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.gpt_neox.embed_in
@@ -620,7 +660,8 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         position_ids = self._position_ids(position_ids, b, 1, cache.get_seq_length(), device)
         cos, sin = rotary_cos_sin(position_ids, cfg.rotary_ndims, cfg.rotary_emb_base, self.dtype)
         past_real_B = cache.real.sum(-1) if output_halting else None
-        step = decode_step(self, input_ids_B1, cos, sin, cache, tau, num_run, output_halting)
+        pass_fn = self.decode_pass or run_pass
+        step = decode_step(self, input_ids_B1, cos, sin, cache, tau, num_run, output_halting, pass_fn)
         out = AdaPonderOutput(
             logits=self.embed_out(step.h_out), cache=cache if use_cache is not False else None
         )
