@@ -8,6 +8,7 @@ from tiny_models import VOCAB, random_halting_model
 import model.decode as decode
 import model.sparse as sparse
 from model.inference import AdaPonderCache
+from model.modeling import decode_bytes
 
 # name -> (model overrides, tau): random gates around tau = 0.5 halt tokens after every pass; tau = 0
 # halts nobody (f = 0).
@@ -136,3 +137,21 @@ def test_a_halted_token_runs_no_further_pass_at_batch_one():
         assert len(rows) == int(out.passes) and sum(rows) == int(out.passes)
     hook.remove()
     assert set(cache.passes[0, 4:].tolist()) == {1, 2, 3, 4}
+
+
+def test_decode_bytes_count_the_parameters_each_pass_reads():
+    model = random_halting_model(seed=25)
+    cfg = model.config
+    k, d, v = cfg.num_passes, cfg.hidden_size, cfg.vocab_size
+    numel = {name: p.numel() for name, p in model.named_parameters()}
+    gates = sum(n for name, n in numel.items() if name.startswith("ponder_gates.0."))
+    backbone = sum(n for name, n in numel.items() if name.startswith(("gpt_neox.layers.", "gpt_neox.final")))
+    context = 7
+    full = decode_bytes(cfg, torch.ones(k, 1, 1, dtype=torch.bool), torch.full((1, 1), context))
+    kv = k * cfg.num_hidden_layers * 2 * context * d
+    expected = k * backbone + (k - 1) * gates + numel["embed_out.weight"] + (k - 1) * 2 * v * d + d + kv
+    assert float(full["total"]) == 4 * expected
+    halted = decode_bytes(cfg, torch.tensor([True] + [False] * (k - 1))[:, None, None], torch.full((1, 1), 1))
+    assert float(halted["total"]) == 4 * (
+        backbone + gates + numel["embed_out.weight"] + d + cfg.num_hidden_layers * 2 * d
+    )
