@@ -108,7 +108,7 @@ def decode_step(
         if gates is not None:
             gates.append(s_B if active_B is None else s_B * active_B)
         if active_B is None:
-            if float(s_B[0]) < tau:  # the branch per pass: the token halts, nothing more runs
+            if not float(s_B[0]) >= tau:  # the branch per pass: the token halts (as m^{i+1} = 1[s >= tau])
                 break
             step_B1 = s_B[:, None].to(e_BD.dtype)
         else:
