@@ -20,6 +20,7 @@ _MODULES = {
     "inference": "inference_adaponder",
     "sparse": "sparse_adaponder",
     "speculative": "speculative_adaponder",
+    "decode": "decode_adaponder",
 }
 AUTO_MAP = {
     "AutoConfig": "configuration_adaponder.AdaPonderConfig",
