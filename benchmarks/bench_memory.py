@@ -131,8 +131,29 @@ def planned(args: argparse.Namespace, preset: str, data: tuple[str, str]) -> dic
     # On CPU the device and the host are the same memory.
     figures = {phase: b / GIB for phase, b in memory.phase_peaks(host=True).items()}
     figures["peak"] = memory.peak(host=True) / GIB
+    # Adam's moments are created by the first optimizer step: the first backward runs without them.
+    figures["backward@1"] = figures["backward"] - memory.states.get("Adam moments", 0) / GIB
     figures["parameters"] = memory.sizes.total
+    figures["items"] = plan_items(memory)
     return figures
+
+
+def plan_items(memory) -> str:
+    """The planned backward peak, item by item (GiB): what the measured phases are compared with."""
+    from training.memory import GIB
+
+    states = {**memory.states, **memory.host_states}
+    kept, transient = memory.activations()
+    shared = memory.shared_gradients * memory.dtype_bytes
+    items = {
+        "weights+grads+master": sum(v for k, v in states.items() if k != "Adam moments"),
+        "Adam": states.get("Adam moments", 0),
+        "layer grads (K passes)": shared,
+        "tables+mixture": memory.gathered("backward") - shared,
+        "kept activations": kept,
+        "backward transient": transient + memory.buckets,
+    }
+    return ", ".join(f"{name} {value / GIB:.2f}" for name, value in items.items())
 
 
 def measured(record: dict) -> dict[str, float]:
@@ -154,12 +175,13 @@ def bench(args: argparse.Namespace) -> None:
     print(
         f"fp32, {args.ranks} ranks, micro-batch {args.micro_batch} x {args.seq_len} tokens, K={args.passes}, "
         f"activation checkpointing {ckpt}, {args.ds_config}; GiB per rank above the baseline (the rank's "
-        "resident size before the model is built); phase figures are the peak within the phase"
+        "resident size before the model is built); phase figures are the peak within the phase, 'at the end' "
+        "rows the resident size when the phase ended"
     )
     header = (
         f"{'preset':<12} {'rank':>4} {'base':>5} | {'init':>5} {'fwd1':>5} {'bwd1':>5} {'step1':>5} "
         f"{'fwd2':>5} {'bwd2':>5} {'step2':>5} | {'peak':>5} {'plan':>5} {'plan/meas':>9} "
-        "| plan: fwd bwd step"
+        "| plan: fwd bwd1 bwd step"
     )
     print(header)
     for preset in args.presets:
@@ -171,12 +193,15 @@ def bench(args: argparse.Namespace) -> None:
         for rank, record in sorted(result["ranks"].items()):
             m = measured(record)
             cells = " ".join(f"{m.get(k, float('nan')):5.2f}" for k in PHASES)
-            phases = " ".join(f"{plan[k]:.2f}" for k in ("forward", "backward", "step"))
+            phases = " ".join(f"{plan[k]:.2f}" for k in ("forward", "backward@1", "backward", "step"))
             print(
                 f"{preset:<12} {rank:>4} {m['baseline']:5.2f} | {cells} | {m['peak']:5.2f} "
                 f"{plan['peak']:5.2f} {plan['peak'] / m['peak']:9.2f} | {phases}"
             )
+            ends = " ".join(f"{m.get(f'{k} end', float('nan')):5.2f}" for k in PHASES)
+            print(f"{'  at the end':<12} {rank:>4} {'':>5} | {ends} |")
         print(f"{'':<12} ({plan['parameters']:,} parameters; {result['seconds']:.0f} s; log {result['log']})")
+        print(f"{'':<12} planned backward peak: {plan['items']}")
 
 
 def plan_table(args: argparse.Namespace) -> None:

@@ -9,7 +9,10 @@ dtype: 4 for fp32, 2 for bf16):
     gathered        the largest set of full tensors live at once, and in backward their full
                     gradients before the reduce-scatter: the two vocabulary tables of the pondering
                     mixture (softmax(embed_out(h)) @ embed_in), whose gradients autograd accumulates
-                    over the K passes, or one layer plus the prefetch bucket (MemoryPlan.gathered)
+                    over the K passes, or one layer plus the prefetch bucket (MemoryPlan.gathered);
+                    with K > 1 also every layer's full gradient, which autograd sums over the K
+                    passes before DeepSpeed's hook can reduce-scatter it (p x the non-vocabulary
+                    parameters, not divided by N: MemoryPlan.shared_gradients)
     buckets         the gradient reduce bucket (reduce_bucket_size elements of dtype p)
     step            the optimizer step's transients: DeepSpeed flattens the gradient partition
                     into an fp32 copy, torch's AdamW makes two more partition-sized temporaries
@@ -53,6 +56,10 @@ from model.modeling import MIXTURE_CHUNK_BYTES
 
 GIB = 2**30
 FP32 = 4
+# DeepSpeed's CPU collectives (deepspeed/ops/csrc/cpu/comm/shm.cpp) give every rank a shared-memory
+# workspace of two 1 MiB and two 32 MiB buffers, written whole when it is created: resident in a
+# CPU-only run from the start (measured: +0.06 GiB per rank at init whatever the model's size).
+CPU_COMM_WORKSPACE = 2 * 2**20 + 2 * 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -172,10 +179,13 @@ class MemoryPlan:
         resident = math.ceil((sizes.total - persistent) / n) + persistent if stage == 3 else sizes.total
         weights = {"weights": p * resident}
         grads = p * (sizes.total if stage == 1 else shard)
-        optim = {"gradients": grads, "fp32 master": FP32 * shard, "Adam moments": 2 * FP32 * shard}
+        optim = {"fp32 master": FP32 * shard, "Adam moments": 2 * FP32 * shard}
         for where, group in (("offload_param", weights), ("offload_optimizer", optim)):
             device = self.zero.get(where, {}).get("device", "none")
             {"cpu": self.host_states, "nvme": self.nvme_states}.get(device, self.states).update(group)
+        # With the optimizer offloaded (to CPU or NVMe) ZeRO-3 keeps the gradient partition in CPU
+        # memory (stage3.py: grad_partitions_flat_buffer on the offload device), never on disk.
+        (self.host_states if self.optimizer_offloaded else self.states)["gradients"] = grads
         # NVMe offload swaps through buffers in CPU memory: parameters buffer_count x buffer_size
         # elements; the optimizer one sub-group (master, moments, gradient) per buffer.
         offload_param = self.zero.get("offload_param", {})
@@ -201,8 +211,9 @@ class MemoryPlan:
         autograd holds before DeepSpeed reduce-scatters them.
 
         Forward: both vocabulary tables for the mixture, or a layer and the prefetch bucket.
-        Backward (K > 1): embed_in and embed_out are used in every pass, so autograd accumulates a
-        full [V, D] gradient for each from the first use it meets until the last (2 tables), and
+        Backward (K > 1): every layer's full gradient (`shared_gradients`); embed_in and embed_out
+        are used in every pass, so autograd accumulates a full [V, D] gradient for each from the
+        first use it meets until the last (2 tables), and
         each recomputed mixture adds both tables' weights, two new [V, D] contributions and their
         sum (5 tables; measured on CPU with torch's MemTracker at 70m: 5.3 tables of temporaries),
         or, in a layer, its weights and gradients.
@@ -214,21 +225,36 @@ class MemoryPlan:
         if phase == "forward":
             elements = max(2 * table, layer)
         elif self.config.num_passes > 1:
-            elements = 2 * table + max(5 * table, 2 * layer)
+            elements = 2 * table + self.shared_gradients + max(5 * table, 2 * layer)
         else:
             elements = 2 * max(table, layer)
         return elements * self.dtype_bytes
+
+    @property
+    def shared_gradients(self) -> int:
+        """Elements of the full gradients that every layer (and the gate) holds through most of a
+        K-pass backward under ZeRO-3: each weight is used once per pass, so autograd sums its K
+        contributions in the graph before its accumulate-grad hook (where DeepSpeed reduce-scatters
+        and frees the gradient) fires once, after the first pass's backward. From the last pass's
+        backward of a layer to the first pass's, its whole gradient is live: all layers at once
+        while the first pass is differentiated. The vocabulary tables are counted in `gathered`."""
+        if self.stage != 3 or self.config.num_passes == 1:
+            return 0
+        return self.sizes.total - 2 * self.sizes.table
 
     @property
     def buckets(self) -> int:
         return int(self.zero.get("reduce_bucket_size", 0)) * self.dtype_bytes
 
     @property
+    def optimizer_offloaded(self) -> bool:
+        return self.zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+
+    @property
     def step_transient(self) -> int:
         """DeepSpeed's flattened fp32 gradient and torch AdamW's two temporaries (the square root
-        of the second moment, the update), per partition (per sub-group when offloaded)."""
-        if "fp32 master" not in self.states:
-            return 0
+        of the second moment, the update), per sub-group of the partition; in CPU memory when the
+        optimizer is offloaded."""
         sub_group = int(self.zero.get("sub_group_size", 10**9))
         return 3 * FP32 * min(math.ceil(self.sizes.total / self.world_size), sub_group)
 
@@ -242,15 +268,17 @@ class MemoryPlan:
     def phase_peaks(
         self, micro_batch: int | None = None, checkpointing: bool | None = None, host: bool = False
     ) -> dict[str, int]:
-        """Planned peak of each phase on the accelerator; with `host`, plus what is offloaded to
-        CPU memory (a CPU-only run holds both in the same memory)."""
-        states = sum(self.states.values()) + (sum(self.host_states.values()) if host else 0)
+        """Planned peak of each phase on the accelerator; with `host`, of a CPU-only run: what is
+        offloaded to CPU memory too (the same memory there) and DeepSpeed's CPU collectives' buffer."""
+        states = sum(self.states.values())
+        if host:
+            states += sum(self.host_states.values()) + CPU_COMM_WORKSPACE
         kept, transient = self.activations(micro_batch, checkpointing)
         return {
             "init": states,
             "forward": states + self.gathered("forward") + kept,
             "backward": states + self.gathered("backward") + self.buckets + kept + transient,
-            "step": states + self.step_transient,
+            "step": states + (self.step_transient if host or not self.optimizer_offloaded else 0),
         }
 
     def peak(
@@ -306,7 +334,8 @@ class MemoryPlan:
             )
         lines.append(
             f"  gathered weights {self.gathered('forward') / g:.2f} GiB in forward, with full gradients "
-            f"{self.gathered('backward') / g:.2f} GiB in backward; reduce bucket "
+            f"{self.gathered('backward') / g:.2f} GiB in backward (the layers' gradients summed over "
+            f"the passes {self.shared_gradients * self.dtype_bytes / g:.2f}); reduce bucket "
             f"{self.buckets / g:.3f} GiB; optimizer-step transients {self.step_transient / g:.2f} GiB"
         )
         for flag in (self.checkpointing, not self.checkpointing):
