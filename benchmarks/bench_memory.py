@@ -103,20 +103,40 @@ def run_preset(args: argparse.Namespace, preset: str, data: tuple[str, str]) -> 
         # and keeps it resident: up to +0.6 GiB per rank at 70m, BENCHMARKS.md).
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     started = time.perf_counter()
+    written = disk_written_bytes(Path(args.work))
     log = Path(args.work) / f"{preset}.log"
     with log.open("w") as out:
         result = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    written = disk_written_bytes(Path(args.work)) - written
     statuses = {
         int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in (run_dir / "ranks").glob("rank-*.json")
     }
-    if not args.keep_runs:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # numbers only, no checkpoints
+    swap = [p for p in (run_dir / "nvme-offload").rglob("*") if p.is_file()]
+    swap_bytes = sum(p.stat().st_size for p in swap)
+    if not args.keep_runs:  # numbers only: no checkpoints, no swap files
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run_dir / "nvme-offload", ignore_errors=True)
     return {
         "returncode": result.returncode,
         "seconds": time.perf_counter() - started,
+        "disk_written": written,
+        "swap_files": len(swap),
+        "swap_bytes": swap_bytes,
         "ranks": statuses,
         "log": log,
     }
+
+
+def disk_written_bytes(path: Path) -> int:
+    """Bytes written so far to the block device that holds `path` (/proc/diskstats; every process's
+    writes, so the figure of a run is an upper bound on what the run wrote)."""
+    device = os.stat(path).st_dev
+    name = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}").resolve().name
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == name:
+            return int(fields[9]) * 512  # sectors written
+    return 0
 
 
 def planned(args: argparse.Namespace, preset: str, data: tuple[str, str]) -> dict[str, float]:
@@ -169,6 +189,8 @@ def measured(record: dict) -> dict[str, float]:
 
 
 def bench(args: argparse.Namespace) -> None:
+    from training.memory import GIB
+
     Path(args.work).mkdir(parents=True, exist_ok=True)
     data = build_data(Path(args.work))
     ckpt = "off" if args.no_checkpointing else "on"
@@ -202,6 +224,11 @@ def bench(args: argparse.Namespace) -> None:
             print(f"{'  at the end':<12} {rank:>4} {'':>5} | {ends} |")
         print(f"{'':<12} ({plan['parameters']:,} parameters; {result['seconds']:.0f} s; log {result['log']})")
         print(f"{'':<12} planned backward peak: {plan['items']}")
+        if result["swap_files"]:
+            print(
+                f"{'':<12} NVMe swap folder: {result['swap_bytes'] / GIB:.2f} GiB in {result['swap_files']} "
+                f"files; the disk took {result['disk_written'] / GIB:.2f} GiB of writes during the run"
+            )
 
 
 def plan_table(args: argparse.Namespace) -> None:

@@ -181,8 +181,8 @@ def test_dry_run_prints_the_plan_without_data(capsys):
 
 def test_a_real_runs_backward_peak_is_planned(tmp_path, train_shards):
     """2 ranks, ZeRO-3, K=4, a model whose layers outweigh its vocabulary tables: the backward's
-    measured peak (resident memory above the rank's baseline) lies within 15% of the plan, and would
-    not without the layers' full gradients that autograd holds over the K passes."""
+    measured peak (resident memory above the rank's baseline) lies within 15% of the plan, and holds
+    the layers' full gradients that autograd sums over the K passes before ZeRO-3 can reduce them."""
     config = make_config(
         tmp_path,
         train_shards,
@@ -209,7 +209,8 @@ def test_a_real_runs_backward_peak_is_planned(tmp_path, train_shards):
     for rank, record in statuses.items():
         measured = (record["breakdown"]["backward@2"]["peak_rss_gib"] - record["baseline_rss_gib"]) * 2**30
         assert planned == pytest.approx(measured, rel=0.15), (rank, planned / measured)
-        assert planned - layer_gradients < 0.85 * measured, (rank, layer_gradients / measured)
+        # At least half of the layers' gradients shows beyond everything else the plan holds.
+        assert measured - (planned - layer_gradients) > 0.5 * layer_gradients, (rank, measured, planned)
 
 
 def test_peak_tflops_comes_from_the_device(monkeypatch):

@@ -56,10 +56,10 @@ from model.modeling import MIXTURE_CHUNK_BYTES
 
 GIB = 2**30
 FP32 = 4
-# DeepSpeed's CPU collectives (deepspeed/ops/csrc/cpu/comm/shm.cpp) give every rank a shared-memory
-# workspace of two 1 MiB and two 32 MiB buffers, written whole when it is created: resident in a
-# CPU-only run from the start (measured: +0.06 GiB per rank at init whatever the model's size).
-CPU_COMM_WORKSPACE = 2 * 2**20 + 2 * 32 * 2**20
+# A CPU-only rank's resident size grows beyond its tensors by a constant once it has trained a step
+# (measured between steps, 2 ranks: 0.084-0.092 GiB from 29M to 418M parameters; about a quarter of
+# it code and libraries first run by training, the rest the runtime's own heap).
+CPU_RUNTIME = 92 * 2**20
 
 
 @dataclass(frozen=True)
@@ -269,10 +269,10 @@ class MemoryPlan:
         self, micro_batch: int | None = None, checkpointing: bool | None = None, host: bool = False
     ) -> dict[str, int]:
         """Planned peak of each phase on the accelerator; with `host`, of a CPU-only run: what is
-        offloaded to CPU memory too (the same memory there) and DeepSpeed's CPU collectives' buffer."""
+        offloaded to CPU memory too (the same memory there) and the runtime's constant (CPU_RUNTIME)."""
         states = sum(self.states.values())
         if host:
-            states += sum(self.host_states.values()) + CPU_COMM_WORKSPACE
+            states += sum(self.host_states.values()) + CPU_RUNTIME
         kept, transient = self.activations(micro_batch, checkpointing)
         return {
             "init": states,
@@ -348,6 +348,11 @@ class MemoryPlan:
             )
         peaks = ", ".join(f"{k} {v / g:.2f}" for k, v in self.phase_peaks().items())
         lines.append(f"  planned peak {self.peak() / g:.2f} GiB ({peaks})")
+        if self.host_states:
+            host = ", ".join(f"{k} {v / g:.2f}" for k, v in self.phase_peaks(host=True).items())
+            lines.append(
+                f"  in CPU memory as well (a CPU-only run): {self.peak(host=True) / g:.2f} GiB ({host})"
+            )
         if device_gib:
             fits = [f"{self.max_micro_batch(int(device_gib * g), flag)}" for flag in (True, False)]
             lines.append(

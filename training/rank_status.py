@@ -73,6 +73,9 @@ def memory_now(device: int | None = None) -> dict[str, float]:
     """Resident size now and its peak since the last reset; the GPU allocator's, when there is one
     (of `device`: a thread's current device is not the rank's)."""
     figures = {"rss_gib": resident_gib(), "peak_rss_gib": (_proc_status_kib("VmHWM") or 0) / 2**20}
+    # Resident size split: tensors and heap (anonymous), code and mapped files, shared memory.
+    for field in ("RssAnon", "RssFile", "RssShmem"):
+        figures[f"{field[3:].lower()}_rss_gib"] = (_proc_status_kib(field) or 0) / 2**20
     if torch.cuda.is_available():
         figures["device_allocated_gib"] = torch.cuda.memory_allocated(device) / GIB
         figures["device_peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
@@ -136,6 +139,11 @@ class RankStatus:
             "run_id": run_id,
             "started": time.time(),
             "baseline_rss_gib": resident_gib(),  # before the model is built
+            **{
+                f"baseline_{k}": v
+                for k, v in memory_now().items()
+                if k.endswith("_rss_gib") and "peak" not in k
+            },
             "breakdown": {},
         }
         self.run_id = run_id
