@@ -18,7 +18,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from model import AdaPonderConfig, AdaPonderForCausalLM
 from training import metrics, pretrain, rank_status
 from training.config import plan_batches, read_config
-from training.engine import load_ds_config, zero3_model_states_estimate
+from training.engine import load_ds_config, nvme_offload_available, zero3_model_states_estimate
 from training.memory import activation_bytes, plan_memory
 from training.rank_status import RankStatus, read_statuses
 
@@ -211,6 +211,47 @@ def test_a_real_runs_backward_peak_is_planned(tmp_path, train_shards):
         assert planned == pytest.approx(measured, rel=0.15), (rank, planned / measured)
         # At least half of the layers' gradients shows beyond everything else the plan holds.
         assert measured - (planned - layer_gradients) > 0.5 * layer_gradients, (rank, measured, planned)
+
+
+@pytest.mark.skipif(not nvme_offload_available(), reason="DeepSpeed's async_io op needs libaio-dev")
+def test_nvme_offload_takes_a_step_and_swaps_what_is_planned(tmp_path, train_shards):
+    """ZeRO-3 with parameters and optimizer offloaded to local disk (ds_configs/zero3_nvme.json), one
+    rank, one step: the swap folder holds what the planner puts on NVMe (weights, fp32 master, Adam
+    moments, and at most a gradient copy)."""
+    config = make_config(
+        tmp_path,
+        train_shards,
+        "nvme",
+        model__overrides={"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4},
+        train_steps=1,
+        micro_batch_size=2,
+        global_batch_size=2,
+        activation_checkpointing=True,
+        deepspeed_config=str(REPO / "ds_configs" / "zero3_nvme.json"),
+        logging__eval_interval=0,
+        checkpoint__interval=0,
+    )
+    env = {**environment(), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    swap = tmp_path / "nvme" / "nvme-offload"
+    result = subprocess.run(command(config, nproc=1), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = read_config(config)
+    ds_config = load_ds_config(REPO / "ds_configs" / "zero3_nvme.json", cfg, plan_batches(cfg, 1))
+    memory = plan_memory(cfg.model_config(), cfg, 1, ds_config)
+    files = list(swap.rglob("*.swp"))
+
+    def swapped(kind: str) -> int:
+        return sum(p.stat().st_size for p in files if kind in p.name)
+
+    planned = memory.nvme_states
+    optimizer = sum(p.stat().st_size for p in files if p.parent.parent.name == "optimizer")
+    optimizer -= swapped("_gradient_")
+    assert optimizer == pytest.approx(planned["fp32 master"] + planned["Adam moments"], rel=0.01)
+    # At 1.4b every weight and gradient was swapped (20 bytes per parameter in the folder); at this
+    # size DeepSpeed keeps some of them in CPU memory, so the plan is their upper bound.
+    assert 0 < swapped("_param.") <= planned["weights"]
+    assert 0 < swapped("_gradient_") <= planned["gradients (swapped)"]
+    assert "weights" not in memory.states and "Adam moments" not in memory.states
 
 
 def test_peak_tflops_comes_from_the_device(monkeypatch):

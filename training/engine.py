@@ -153,6 +153,14 @@ def _fill_nvme_offload(ds: dict[str, Any], cfg: RunConfig, path: Path) -> None:
             )
 
 
+def nvme_offload_available() -> bool:
+    """DeepSpeed's async_io op (NVMe offload) can be built here: libaio and its headers are found.
+    Building it the first time (JIT) takes minutes; it is cached in ~/.cache/torch_extensions."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    return bool(AsyncIOBuilder().is_compatible(verbose=False))
+
+
 def zero3_model_states_estimate(total_params: int, largest_layer_params: int, world_size: int) -> int:
     """DeepSpeed's own estimate of ZeRO-3 model-state bytes per GPU (mixed precision, no offload:
     18 bytes per parameter over the ranks, plus the largest layer gathered in fp32)."""
