@@ -213,6 +213,22 @@ def test_a_real_runs_backward_peak_is_planned(tmp_path, train_shards):
         assert measured - (planned - layer_gradients) > 0.5 * layer_gradients, (rank, measured, planned)
 
 
+def test_cpu_collectives_leave_no_shared_memory_behind(tmp_path, train_shards):
+    """Under the `deepspeed` launcher every CPU rank maps a 66 MiB shared-memory workspace for
+    DeepSpeed's collectives; the run must not leave it in /dev/shm after it ends."""
+    config = make_config(
+        tmp_path, train_shards, "shm", train_steps=1, logging__eval_interval=0, checkpoint__interval=0
+    )
+    argv = command(config, launcher="deepspeed")
+    port = argv[argv.index("--master_port") + 1]
+    result = subprocess.run(argv, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    statuses = read_statuses(tmp_path / "shm")
+    # The workspaces were there: resident shared memory of a rank during the run.
+    assert all(r["breakdown"]["forward@1"]["shmem_rss_gib"] > 0 for r in statuses.values()), statuses
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
 @pytest.mark.skipif(not nvme_offload_available(), reason="DeepSpeed's async_io op needs libaio-dev")
 def test_nvme_offload_takes_a_step_and_swaps_what_is_planned(tmp_path, train_shards):
     """ZeRO-3 with parameters and optimizer offloaded to local disk (ds_configs/zero3_nvme.json), one
