@@ -229,7 +229,12 @@ def test_cpu_collectives_leave_no_shared_memory_behind(tmp_path, train_shards):
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
-@pytest.mark.skipif(not nvme_offload_available(), reason="DeepSpeed's async_io op needs libaio-dev")
+# Opt-in: the first use of async_io in a new environment JIT-builds it (about 7 minutes on 2 busy
+# cores), which alone would break the suite's time budget; libaio-dev is needed as well.
+@pytest.mark.skipif(
+    os.environ.get("ADAPONDER_TEST_NVME") != "1" or not nvme_offload_available(),
+    reason="set ADAPONDER_TEST_NVME=1 to run (builds DeepSpeed's async_io op; needs libaio-dev)",
+)
 def test_nvme_offload_takes_a_step_and_swaps_what_is_planned(tmp_path, train_shards):
     """ZeRO-3 with parameters and optimizer offloaded to local disk (ds_configs/zero3_nvme.json), one
     rank, one step: the swap folder holds what the planner puts on NVMe (weights, fp32 master, Adam

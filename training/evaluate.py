@@ -393,8 +393,10 @@ def _tracked_lm_class():
             if self.exit_probs is not None:
                 raise ValueError("fixed-pruning policies run loglikelihood tasks only (exit_passes is dense)")
             handle = self.model.register_forward_hook(self._count_generation, with_kwargs=True)
+            # generate() asks the model for no halting statistics (the decode step skips them).
+            knob = {**self.knob, "output_halting": True}
             try:
-                return super()._model_generate(context, max_length, stop, **self.knob, **generation_kwargs)
+                return super()._model_generate(context, max_length, stop, **knob, **generation_kwargs)
             finally:
                 handle.remove()
 
