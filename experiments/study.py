@@ -184,6 +184,11 @@ def evaluate(layout: Layout, arm: Arm, seed: int) -> None:
     """Evaluate the final checkpoint and write the run's result JSON."""
     from experiments.evaluate import evaluate_run
 
+    import torch
+
+    # One core per run, like its training: two OpenMP threads beside another job on 2 cores spin at
+    # their barriers (an evaluation took 16 minutes that way).
+    torch.set_num_threads(1)
     name = run_name(arm, seed)
     scale, run_dir = layout.scale, layout.run_dir(name)
     started = time.perf_counter()
@@ -299,6 +304,7 @@ class Runner:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "experiments.study", "_task", name, *self.base_args],
                 cwd=REPO_ROOT,
+                env=_train_env(),
                 process_group=0,
             )
             self.children.add(proc)

@@ -5,6 +5,10 @@ import os
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# One intra-op thread per process (tests' subprocesses inherit it): the tests' models are tiny, and
+# two OpenMP threads on a 2-core machine that is busy with anything else spin at their barriers:
+# tests/test_speculative.py's greedy test took 45 s instead of 0.7 s that way.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
