@@ -182,9 +182,9 @@ def train(layout: Layout, name: str, config: Path, exit_at_step: int | None, loc
 
 def evaluate(layout: Layout, arm: Arm, seed: int) -> None:
     """Evaluate the final checkpoint and write the run's result JSON."""
-    from experiments.evaluate import evaluate_run
-
     import torch
+
+    from experiments.evaluate import evaluate_run
 
     # One core per run, like its training: two OpenMP threads beside another job on 2 cores spin at
     # their barriers (an evaluation took 16 minutes that way).
