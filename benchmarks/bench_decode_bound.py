@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -35,9 +34,9 @@ from bench_inference import (
     halting_model,
     hf_decoder,
     lockstep,
+    one_pass_models,
     threshold_for,
 )
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from model import AdaPonderConfig, AdaPonderForCausalLM
 from model.decode import compiled_pass
@@ -56,25 +55,6 @@ def read_bandwidth(buffer_f32: torch.Tensor) -> dict[str, float]:
         fn()
         out[name] = buffer_f32.numel() * 4 / (clock() - start) / 1e9
     return out
-
-
-def one_pass_models() -> tuple[GPTNeoXForCausalLM, AdaPonderForCausalLM]:
-    torch.manual_seed(3)
-    shape = AdaPonderConfig.from_preset(PRESET)
-    config = GPTNeoXConfig(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        intermediate_size=shape.intermediate_size,
-        rotary_pct=shape.rotary_pct,
-        max_position_embeddings=shape.max_position_embeddings,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        GPTNeoXForCausalLM(config).save_pretrained(tmp)
-        hf = GPTNeoXForCausalLM.from_pretrained(tmp).eval()
-        ours = AdaPonderForCausalLM.from_pythia(tmp, num_passes=1).eval()
-    return hf, ours
 
 
 Stepper = Callable[[int], object]

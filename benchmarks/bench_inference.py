@@ -304,7 +304,9 @@ def generate_time(model: torch.nn.Module, ids_BT: torch.Tensor, new: int) -> flo
         return elapsed(lambda: model.generate(ids_BT, **kwargs)) / new
 
 
-def bench_one_pass(args: argparse.Namespace) -> list[str]:
+def one_pass_models() -> tuple[GPTNeoXForCausalLM, AdaPonderForCausalLM]:
+    """`transformers`' GPT-NeoX and this model at K = 1 with the same random pythia-70m-shaped
+    weights (ours loaded from the other's saved directory, as users load Pythia)."""
     torch.manual_seed(3)
     shape = AdaPonderConfig.from_preset(PRESET)
     config = GPTNeoXConfig(
@@ -320,7 +322,12 @@ def bench_one_pass(args: argparse.Namespace) -> list[str]:
         GPTNeoXForCausalLM(config).save_pretrained(tmp)
         hf = GPTNeoXForCausalLM.from_pretrained(tmp).eval()
         ours = AdaPonderForCausalLM.from_pythia(tmp, num_passes=1).eval()
-    ids = torch.randint(0, shape.vocab_size, (1, args.prompt + args.k1_steps))
+    return hf, ours
+
+
+def bench_one_pass(args: argparse.Namespace) -> list[str]:
+    hf, ours = one_pass_models()
+    ids = torch.randint(0, ours.config.vocab_size, (1, args.prompt + args.k1_steps))
     # The two are within noise of each other: twice the reps, and both the median and the best
     # (other processes' load only ever adds time).
     reps = 2 * args.reps
