@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -75,13 +74,9 @@ def overrides(args: argparse.Namespace, preset: str, run_dir: Path, data: tuple[
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_preset(args: argparse.Namespace, preset: str, data: tuple[str, str]) -> dict:
+    from training.distributed import free_port
+
     run_dir = Path(args.work) / f"run-{preset}"
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [
@@ -91,7 +86,7 @@ def run_preset(args: argparse.Namespace, preset: str, data: tuple[str, str]) -> 
         "--nproc_per_node",
         str(args.ranks),
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(REPO / "training" / "pretrain.py"),
         *overrides(args, preset, run_dir, data),
     ]

@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from test_training_run import REPO, _free_port, environment
+from test_training_run import REPO, environment
+
+from training.distributed import free_port
 
 
 @pytest.fixture(scope="module", params=["plain", "checkpointing"])
@@ -20,7 +22,7 @@ def report(tmp_path_factory, request):
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(REPO / "tests" / "gates_only_worker.py"),
         str(out),
         request.param,

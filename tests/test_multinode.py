@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import psutil
-from test_training_run import REPO, _free_port, environment, make_config, run_dir, summary
+from test_training_run import REPO, environment, make_config, run_dir, summary
 
 from training.checkpoint import latest_tag, tag_for
+from training.distributed import free_port
 
 STEPS = 4
 
@@ -48,7 +49,7 @@ def test_two_nodes_train_checkpoint_are_killed_and_resume(tmp_path, train_shards
     )
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    port = _free_port()
+    port = free_port()
     nodes = [launch(config, hostfile, rank, port) for rank in (0, 1)]
     seen = []
     try:
@@ -63,7 +64,7 @@ def test_two_nodes_train_checkpoint_are_killed_and_resume(tmp_path, train_shards
     checkpoints = run_dir(config) / "checkpoints"
     assert latest_tag(checkpoints) == tag_for(2)
 
-    port = _free_port()
+    port = free_port()
     nodes = [launch(config, hostfile, rank, port) for rank in (0, 1)]
     try:
         output = nodes[0].communicate(timeout=300)[0]

@@ -7,14 +7,16 @@ import subprocess
 import sys
 
 import torch
-from test_training_run import REPO, _free_port, environment
+from test_training_run import REPO, environment
+
+from training.distributed import free_port
 
 
 def run(tmp_path) -> dict:
     out = tmp_path / "results.json"
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
-        *("--master_port", str(_free_port()), str(REPO / "tests" / "zero3_sparse_worker.py"), str(out)),
+        *("--master_port", str(free_port()), str(REPO / "tests" / "zero3_sparse_worker.py"), str(out)),
     ]
     result = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

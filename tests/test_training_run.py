@@ -24,6 +24,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from training.checkpoint import latest_tag, tag_for
+from training.distributed import free_port
 from training.engine import consolidated_optimizer_state, consolidated_state_dict
 from training.metrics import EVAL_SCALARS, TRAIN_SCALARS
 
@@ -69,15 +70,7 @@ def command(config: Path, *overrides: str, nproc: int = 2, launcher: str = "torc
         runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
     else:
         runner = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    return [*runner, "--master_port", str(_free_port()), str(PRETRAIN), "--config", str(config), *overrides]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return [*runner, "--master_port", str(free_port()), str(PRETRAIN), "--config", str(config), *overrides]
 
 
 def environment() -> dict[str, str]:

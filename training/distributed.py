@@ -32,7 +32,7 @@ def setup_environment() -> int:
     if "RANK" not in env:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     return int(env["WORLD_SIZE"])
 
 
@@ -49,7 +49,8 @@ def _slurm_first_host() -> str:
     return out.stdout.split()[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (a rendezvous port for local launches)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
