@@ -477,15 +477,24 @@ def claims(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], prune: list[
         "x1 (`adaponder-hold`)**, compared at equal passes on each seed's tau-sweep curve."
     )
     a, h = by_arm["adaponder"], by_arm["adaponder-hold"]
-    if a and h:
-        at = float(np.mean(passes["adaponder"]))
-        la, lh = _equal_passes_loss(a, at), _equal_passes_loss(h, at)
-        delta, se = difference([x for x in lh if not math.isnan(x)], [x for x in la if not math.isnan(x)])
+    compared = False
+    # At each arm's trained mean passes, where the other arm's tau-sweep curves reach it too.
+    for at_arm in ("adaponder", "adaponder-hold") if a and h else ():
+        at = float(np.mean(passes[at_arm]))
+        la = [x for x in _equal_passes_loss(a, at) if not math.isnan(x)]
+        lh = [x for x in _equal_passes_loss(h, at) if not math.isnan(x)]
+        if not la or not lh:
+            continue
+        compared = True
+        delta, se = difference(lh, la)
         lines.append(
-            f"- at {at:.3f} passes: hold {pm(lh, '.4f')} vs multiplier {pm(la, '.4f')} nats, difference "
+            f"- at {at:.3f} passes ({at_arm}'s trained mean; curves of {len(lh)} hold / {len(la)} multiplier "
+            f"seeds reach it): hold {pm(lh, '.4f')} vs multiplier {pm(la, '.4f')} nats, difference "
             f"{delta:+.4f} (se {se:.4f}): holding halting off is {verdict(delta, se)}."
         )
-    else:
+    if a and h and not compared:
+        lines.append("- the arms' tau-sweep curves share no trained mean passes: no equal-passes comparison.")
+    elif not compared:
         lines.append("- not measured yet.")
     for r in stage1_rows(layout, by_arm):
         lines.append(
