@@ -153,11 +153,3 @@ def _restore_halted(cache: AdaPonderCache, pass_idx: int, pos: int, active_B: to
     kv = cache.kv
     new = kv[pass_idx, ..., pos : pos + 1, :]  # [L, 2, B, N, 1, H]
     new.copy_(torch.where(active_B[:, None, None, None], new, kv[pass_idx - 1, ..., pos : pos + 1, :]))
-
-
-def active_mask(
-    passes: torch.Tensor | int, num_passes: int, batch_size: int, device: torch.device
-) -> torch.Tensor:
-    """[K, B, 1] bool m^i of a decode step from the passes each row ran (halting is monotonic)."""
-    passes_B = torch.as_tensor(passes, device=device).expand(batch_size)
-    return (torch.arange(num_passes, device=device)[:, None] < passes_B)[..., None]

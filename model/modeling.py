@@ -31,7 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from model.config import AdaPonderConfig
-from model.decode import active_mask, applies_to, compiled_pass, decode_step
+from model.decode import applies_to, compiled_pass, decode_step
 from model.hf_compat import config_from_checkpoint, load_checkpoint_state_dict, match_state_dict
 from model.inference import checked_cache, chunk_real
 from model.sparse import AlignedKV, PassLayout, packed_attention, ponder_packed, run_pass
@@ -443,6 +443,11 @@ def decode_bytes(
     return parts
 
 
+def active_from_passes(passes_BT: torch.Tensor, num_passes: int) -> torch.Tensor:
+    """The monotonic activity mask m^i [K, B, T] of tokens that ran `passes_BT` passes."""
+    return passes_BT[None] > torch.arange(num_passes, device=passes_BT.device)[:, None, None]
+
+
 def halting_stats(active_KBT: torch.Tensor, real_BT: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Passes per position [B, T], fraction of real tokens whose last pass is j [K], mean passes."""
     passes_BT = active_KBT.sum(0)
@@ -667,7 +672,8 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         )
         if output_halting:
             with torch.no_grad():
-                active_KB1 = active_mask(step.passes, cfg.num_passes, b, device)
+                passes_B1 = torch.as_tensor(step.passes, device=device).expand(b)[:, None]
+                active_KB1 = active_from_passes(passes_B1, cfg.num_passes)
                 real_B1 = torch.ones(b, 1, dtype=torch.bool, device=device)
                 out.gates = torch.stack(step.gates)[..., None] if step.gates is not None else None
                 out.passes, out.halted_fraction, out.mean_passes = halting_stats(active_KB1, real_B1)

@@ -49,7 +49,7 @@ from data.config import DataConfig
 from data.dataset import SPLITS, split_range
 from data.indexed import MMapIndexedDataset, data_path, index_path
 from model import AdaPonderConfig, AdaPonderForCausalLM
-from model.modeling import forward_flops
+from model.modeling import active_from_passes, forward_flops
 from training.export import load_checkpoint_model
 
 POLICIES = ("uniform", "geometric")
@@ -161,11 +161,6 @@ def batches(
 
 
 # --- statistics ---------------------------------------------------------------------------------
-
-
-def active_from_passes(passes_BT: torch.Tensor, num_passes: int) -> torch.Tensor:
-    """The monotonic activity mask [K, B, T] of tokens that ran `passes_BT` passes."""
-    return passes_BT[None] > torch.arange(num_passes, device=passes_BT.device)[:, None, None]
 
 
 class Tally:
