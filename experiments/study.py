@@ -6,6 +6,11 @@
     python -m experiments.study report             # README.md, table and plots from the result files
     python -m experiments.study run --smoke        # the whole pipeline at toy size (about a minute)
 
+    # Reproduction: seed 1 again from scratch in a fresh work directory, then compared run by run
+    python -m experiments.study run --background --seeds 1 \
+        --work experiments/work/rerun --out experiments/work/rerun/out
+    python -m experiments.study compare --rerun experiments/work/rerun/out
+
 `run` builds the corpus, tokenizer and shards (each skipped when present), then trains every arm and
 seed with `training/pretrain.py` (one process per run, `--jobs` at a time), evaluates each finished
 run, and writes the report. It resumes wherever it stopped: a trained run is not retrained, an
@@ -76,6 +81,7 @@ def prepare_data(layout: Layout) -> dict[str, Any]:
     from data.indexed import index_path
     from data.preprocess import preprocess
     from data.train_tokenizer import train_tokenizer
+    from training.checkpoint import sha256_file
 
     scale, data = layout.scale, layout.data
     facts_file = data / "corpus.json"
@@ -102,6 +108,17 @@ def prepare_data(layout: Layout) -> dict[str, Any]:
             )
             facts[spec.name]["tokens"] = stats.tokens
             log(f"shards {spec.name}: {stats.tokens:,} tokens")
+    # What a rerun from scratch must rebuild byte for byte (`compare` checks it).
+    built = (
+        "train.jsonl",
+        "valid.jsonl",
+        "tokenizer/tokenizer.json",
+        "train.bin",
+        "train.idx",
+        "valid.bin",
+        "valid.idx",
+    )
+    facts["sha256"] = {name: sha256_file(data / name) for name in built}
     facts_file.write_text(json.dumps(facts, indent=1))
     layout.results.mkdir(parents=True, exist_ok=True)
     (layout.results / "corpus.json").write_text(json.dumps(facts, indent=1))  # for the report
@@ -321,10 +338,12 @@ class Runner:
                 os.killpg(proc.pid, signal.SIGTERM)
 
 
-def run_study(layout: Layout, jobs: int, base_args: list[str], only: list[str] | None) -> int:
+def run_study(
+    layout: Layout, jobs: int, base_args: list[str], only: list[str] | None, seeds: list[int] | None
+) -> int:
     prepare_data(layout)
     chosen = [arm for arm in arms(layout.scale) if only is None or arm.name in only]
-    names = [run_name(arm, seed) for seed in layout.scale.seeds for arm in chosen]
+    names = [run_name(arm, seed) for seed in seeds or layout.scale.seeds for arm in chosen]
     runner = Runner(base_args)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, runner.stop)
@@ -340,6 +359,23 @@ def run_study(layout: Layout, jobs: int, base_args: list[str], only: list[str] |
         log(f"failed or stopped: {', '.join(failed)} (logs in {layout.logs})")
         return 1
     return 0
+
+
+def compare_rerun(layout: Layout, rerun: Path) -> int:
+    """Compare a rerun's results (its OUT directory) with this study's; record it for the report."""
+    from experiments.report import write_report
+    from experiments.reproduce import compare, reproduced, table
+
+    comparison = compare(layout.results, rerun / "results")
+    try:
+        comparison["rerun"] = str(rerun.relative_to(layout.out.parent))
+    except ValueError:
+        comparison["rerun"] = str(rerun)
+    write_result(layout.results / "reproduction.json", comparison)
+    print(f"data: {comparison['data']}")
+    print("\n".join(table(comparison)))
+    write_report(layout)
+    return 0 if reproduced(comparison) else 1
 
 
 def locked(run_dir: Path) -> bool:
@@ -392,7 +428,9 @@ def start_background(argv: list[str], layout: Layout) -> int:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("run", "status", "report", "_task"), nargs="?", default="run")
+    parser.add_argument(
+        "command", choices=("run", "status", "report", "compare", "_task"), nargs="?", default="run"
+    )
     parser.add_argument("name", nargs="?", help=argparse.SUPPRESS)  # the run of `_task`
     parser.add_argument(
         "--smoke", action="store_true", help="toy sizes: the whole pipeline in about a minute"
@@ -402,8 +440,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at the same time (one core each)")
     parser.add_argument("--exit-at-step", type=int, help="stop every run at this step (resumable chunks)")
     parser.add_argument("--arms", help="comma-separated arm names to run (default: all)")
+    parser.add_argument("--seeds", help="comma-separated seeds to run (default: all of the scale's)")
     parser.add_argument("--background", action="store_true", help="detach, nice 19, log to WORK/study.log")
+    parser.add_argument("--rerun", help="compare: the OUT directory of a rerun of this study from scratch")
     return parser.parse_args(argv)
+
+
+def _seeds(text: str | None, scale: Scale) -> list[int] | None:
+    """`--seeds` as a list (None: all); [] after printing why it is not one of the scale's seeds."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or not set(seeds) <= set(scale.seeds):
+        print(f"--seeds: {text!r} is not a comma-separated subset of {list(scale.seeds)}", file=sys.stderr)
+        return []
+    return seeds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,10 +475,18 @@ def main(argv: list[str] | None = None) -> int:
 
         write_report(layout)
         return 0
+    if args.command == "compare":
+        if not args.rerun:
+            print("compare needs --rerun OUT (the results directory of a rerun)", file=sys.stderr)
+            return 2
+        return compare_rerun(layout, Path(args.rerun).resolve())
     if args.command == "_task":
         arm, seed = next((a, s) for s in scale.seeds for a in arms(scale) if run_name(a, s) == args.name)
         log(f"{args.name}: {task(layout, arm, seed, args.exit_at_step)}")
         return 0
+    seeds = _seeds(args.seeds, scale)
+    if seeds == []:
+        return 2
     if args.background:
         return start_background(argv, layout)
     work.mkdir(parents=True, exist_ok=True)
@@ -442,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"--arms: unknown arms {unknown}; known: {[a.name for a in arms(scale)]}", file=sys.stderr)
             return 2
-        return run_study(layout, args.jobs, base, only)
+        return run_study(layout, args.jobs, base, only, seeds)
 
 
 if __name__ == "__main__":

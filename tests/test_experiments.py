@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -28,8 +29,8 @@ def environment() -> dict[str, str]:
     return env
 
 
-def study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    dirs = ["--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+def study(tmp_path: Path, *args: str, work: str = "work", out: str = "out", code: int = 0):
+    dirs = ["--smoke", "--work", str(tmp_path / work), "--out", str(tmp_path / out)]
     result = subprocess.run(
         [sys.executable, "-m", "experiments.study", *args, *dirs],
         cwd=REPO,
@@ -38,7 +39,7 @@ def study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == code, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -100,6 +101,62 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
     assert backfill_training_curve(layout, "adaponder-s1")
     assert json.loads(path.read_text()) == full
     assert not backfill_training_curve(layout, "adaponder-s1")
+
+    # From scratch in a fresh work directory, uninterrupted: the same data bytes and the same
+    # results as the study above, whose adaptive run was stopped and resumed.
+    study(tmp_path, "run", "--arms", "vanilla,adaponder", work="rerun", out="rerun-out")
+    compared = study(tmp_path, "compare", "--rerun", str(tmp_path / "rerun-out"))
+    assert "data: same bytes" in compared.stdout
+    reproduction = json.loads((out / "results" / "reproduction.json").read_text())
+    assert [r["run"] for r in reproduction["runs"]] == ["adaponder-s1", "vanilla-s1"]
+    assert all(r["verdict"] == "same" for r in reproduction["runs"]), reproduction
+    assert "## Reproduction from scratch" in (out / "README.md").read_text()
+    # A rerun that does not reproduce fails the command and says so in the report.
+    rerun_result = tmp_path / "rerun-out" / "results" / "by_run" / "vanilla-s1.json"
+    broken = json.loads(rerun_result.read_text())
+    broken["learned"]["ppl"] *= 2
+    rerun_result.write_text(json.dumps(broken))
+    study(tmp_path, "compare", "--rerun", str(tmp_path / "rerun-out"), code=1)
+    assert "the study does not reproduce" in (out / "README.md").read_text()
+
+
+def test_reproduction_compares_every_number_but_timings(tmp_path):
+    from experiments.reproduce import compare
+
+    def result(arm: str, ppl: float, sweep: float, wall: float) -> dict:
+        return {
+            "arm": arm,
+            "learned": {"ppl": ppl, "mean_passes": 3.0, "nll_by_passes": [None, 2.0]},
+            "tau_sweep": [{"ppl": sweep}],
+            "adaptive": True,
+            "train_wall_seconds": wall,
+        }
+
+    def write(root: Path, runs: dict[str, dict], sha: str | None) -> Path:
+        (root / "by_run").mkdir(parents=True)
+        for name, r in runs.items():
+            (root / "by_run" / f"{name}.json").write_text(json.dumps(r))
+        (root / "corpus.json").write_text(json.dumps({"sha256": {"train.bin": sha}} if sha else {}))
+        return root
+
+    reference = write(
+        tmp_path / "ref",
+        {"a-s1": result("a", 100.0, 110.0, 5.0), "a-s2": result("a", 102.0, 111.0, 5.0)},
+        "x",
+    )
+    same_but_slower = write(tmp_path / "same", {"a-s1": result("a", 100.0, 110.0, 9.0)}, "x")
+    assert [r["verdict"] for r in compare(reference, same_but_slower)["runs"]] == ["same"]
+    assert compare(reference, same_but_slower)["data"] == "same bytes"
+    # A tau-sweep point off by 1e-3: not the same run, but within the seed spread (std 1.41 PPL).
+    deep = write(tmp_path / "deep", {"a-s1": result("a", 100.0, 110.11, 5.0)}, "y")
+    (run,) = compare(reference, deep)["runs"]
+    assert (run["verdict"], run["at"]) == ("within the seed spread", "tau_sweep.0.ppl")
+    assert compare(reference, deep)["data"] == "differs or not recorded"
+    outside = write(tmp_path / "outside", {"a-s2": result("a", 99.0, 111.0, 5.0)}, None)
+    assert [r["verdict"] for r in compare(reference, outside)["runs"]] == ["outside the seed spread"]
+    stranger = write(tmp_path / "stranger", {"b-s1": result("b", 1.0, 1.0, 1.0)}, "x")
+    with pytest.raises(ValueError, match="no counterpart"):
+        compare(reference, stranger)
 
 
 def _passes_by_step(tmp_path: Path, train_shards, halt_during_stage1: bool) -> dict[int, float]:
