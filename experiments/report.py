@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -218,16 +220,35 @@ def sweep_table(layout: Layout, by_arm: dict[str, list[dict[str, Any]]]) -> list
 # Plots.
 
 
-def plot_compute(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], path: Path) -> None:
+@contextmanager
+def _figure(path: Path, size: tuple[float, float], legend_size: int = 8) -> Iterator[Any]:
+    """Axes of a new figure; on leaving, a legend when anything is labelled, then saved to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend_size)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def plot_compute(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], path: Path) -> None:
     vanilla = by_arm.get("vanilla") or []
     base = np.mean([r["learned"]["flops_per_token"] for r in vanilla]) if vanilla else None
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    with _figure(path, (8, 5.5), legend_size=7) as ax:
+        _plot_compute(layout, by_arm, ax, base)
 
+
+def _plot_compute(
+    layout: Layout, by_arm: dict[str, list[dict[str, Any]]], ax: Any, base: float | None
+) -> None:
     def x_of(flops: list[float]) -> float:
         return float(np.mean(flops)) / base if base else float(np.mean(flops))
 
@@ -278,20 +299,14 @@ def plot_compute(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], path: 
     ax.set_ylabel("validation perplexity (held-out packages)")
     ax.set_title("Perplexity against inference compute (mean over seeds; lines: tau sweep)")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_nll_by_passes(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    import matplotlib
+    with _figure(path, (7, 4.5)) as ax:
+        _plot_nll_by_passes(layout, by_arm, ax)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def _plot_nll_by_passes(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], ax: Any) -> None:
     adaptive = [a for a in arms(layout.scale) if a.adaptive and by_arm[a.name]]
     width = 0.8 / max(1, len(adaptive))
     for i, arm in enumerate(adaptive):
@@ -313,11 +328,6 @@ def plot_nll_by_passes(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], 
     ax.set_xlabel("passes the token ran (learned halting, trained tau)")
     ax.set_ylabel("mean validation NLL (nats)")
     ax.set_title("NLL by passes run (labels: share of tokens); mean over seeds")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _curve_at(curve: list[list[float]], step: int) -> float:
@@ -368,12 +378,11 @@ def stage1_table(layout: Layout, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def plot_training_passes(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    import matplotlib
+    with _figure(path, (7, 4.5)) as ax:
+        _plot_training_passes(layout, by_arm, ax)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def _plot_training_passes(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], ax: Any) -> None:
     for i, arm in enumerate(arms(layout.scale)):
         curves = [r["training_curve"]["mean_passes"] for r in by_arm[arm.name] if "training_curve" in r]
         if not arm.adaptive or not curves:
@@ -388,11 +397,6 @@ def plot_training_passes(layout: Layout, by_arm: dict[str, list[dict[str, Any]]]
     ax.set_ylabel("mean passes per token (training batches)")
     ax.set_title("When the gates start halting (mean over seeds)")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------
