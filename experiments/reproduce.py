@@ -22,13 +22,16 @@ SAME = 1e-6  # relative: "the same run" (fp32 evaluation sums in one order on on
 
 
 def numbers(value: Any, prefix: str = "") -> dict[str, float]:
-    """Every number of a result, by its path ("learned.ppl", "tau_sweep.2.mean_passes", ...)."""
+    """Every number of a result, by its path ("learned.ppl", "tau_sweep.2.mean_passes",
+    "training_curve.lm_loss.step 350", ...)."""
     if isinstance(value, dict):
         out: dict[str, float] = {}
         for key, sub in value.items():
             if key not in TIMINGS:
                 out |= numbers(sub, f"{prefix}{key}.")
         return out
+    if isinstance(value, list) and value and all(isinstance(v, list) and len(v) == 2 for v in value):
+        return {f"{prefix}step {int(step)}": float(v) for step, v in value}  # a training curve
     if isinstance(value, list):
         out = {}
         for i, sub in enumerate(value):
@@ -108,13 +111,15 @@ def reproduced(comparison: dict[str, Any]) -> bool:
 
 def table(comparison: dict[str, Any]) -> list[str]:
     lines = [
-        "| run | PPL (study) | PPL (rerun) | passes (study) | passes (rerun) | largest relative difference "
-        "(any number) | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "| run | PPL (study) | PPL (rerun) | passes (study) | passes (rerun) | PPL difference / seed std "
+        "| largest relative difference of any number (where) | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in comparison["runs"]:
+        ratio = abs(r["ppl_rerun"] - r["ppl_reference"]) / r["ppl_seed_std"]
         lines.append(
             f"| {r['run']} | {r['ppl_reference']:.4f} | {r['ppl_rerun']:.4f} | {r['passes_reference']:.4f} "
-            f"| {r['passes_rerun']:.4f} | {r['largest_relative_difference']:.1e} | {r['verdict']} |"
+            f"| {r['passes_rerun']:.4f} | {ratio:.1e} | {r['largest_relative_difference']:.1e} "
+            f"(`{r['at'] or '-'}`) | {r['verdict']} |"
         )
     return lines

@@ -121,7 +121,10 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
 
 
 def test_reproduction_compares_every_number_but_timings(tmp_path):
-    from experiments.reproduce import compare
+    from experiments.reproduce import compare, numbers
+
+    curve = {"training_curve": {"lm_loss": [[50, 4.0], [100, 3.5]]}, "train_wall_seconds": 3.0}
+    assert numbers(curve) == {"training_curve.lm_loss.step 50": 4.0, "training_curve.lm_loss.step 100": 3.5}
 
     def result(arm: str, ppl: float, sweep: float, wall: float) -> dict:
         return {
