@@ -118,8 +118,7 @@ def decode_step(
             step_B1 = (active_B * s_B)[:, None].to(e_BD.dtype)
         e_BD = e_BD + step_B1 * model.ponder_embedding(h_BD)  # E^{i+1} = E^i + m^{i+1} s^i e^i
     if last < cfg.num_passes - 1:  # passes not run: the position keeps its last pass's K/V
-        kv = cache.kv
-        kv[last + 1 :, ..., pos : pos + 1, :] = kv[last, ..., pos : pos + 1, :]
+        cache.copy_pass(last, slice(last + 1, None), slice(pos, pos + 1))
     if gates is not None:
         zeros_B = torch.zeros(b, dtype=torch.float32, device=e_BD.device)
         gates += [zeros_B] * (cfg.num_passes - 1 - len(gates))

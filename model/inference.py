@@ -202,9 +202,13 @@ class AdaPonderCache:
     def carry_forward(self, pass_idx: int) -> None:
         """Copy the call's positions of pass `pass_idx - 1` into pass `pass_idx`, all layers: a
         token that halts before this pass keeps its last active K/V (active tokens overwrite)."""
-        start, end = self._chunk
+        self.copy_pass(pass_idx - 1, slice(pass_idx, pass_idx + 1), slice(*self._chunk))
+
+    def copy_pass(self, source: int, targets: slice, positions: slice) -> None:
+        """Pass `source`'s K/V at `positions`, every layer and sequence, into passes `targets`: the
+        passes a halted token did not run hold its last run pass's K/V (SPEC's KV alignment)."""
         kv = self._stored()
-        kv[pass_idx, ..., start:end, :] = kv[pass_idx - 1, ..., start:end, :]
+        kv[targets, ..., positions, :] = kv[source, ..., positions, :]
 
     def update(self, pass_idx: int, kv: list[LayerKV]) -> None:
         return None  # written in place during the pass
