@@ -27,9 +27,10 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM
 
 from model import AdaPonderConfig, AdaPonderForCausalLM
+from model.hf_compat import gpt_neox_config
 from model.inference import AdaPonderCache
 
 PRESET = "pythia-70m"
@@ -308,18 +309,8 @@ def one_pass_models() -> tuple[GPTNeoXForCausalLM, AdaPonderForCausalLM]:
     """`transformers`' GPT-NeoX and this model at K = 1 with the same random pythia-70m-shaped
     weights (ours loaded from the other's saved directory, as users load Pythia)."""
     torch.manual_seed(3)
-    shape = AdaPonderConfig.from_preset(PRESET)
-    config = GPTNeoXConfig(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        intermediate_size=shape.intermediate_size,
-        rotary_pct=shape.rotary_pct,
-        max_position_embeddings=shape.max_position_embeddings,
-    )
     with tempfile.TemporaryDirectory() as tmp:
-        GPTNeoXForCausalLM(config).save_pretrained(tmp)
+        GPTNeoXForCausalLM(gpt_neox_config(AdaPonderConfig.from_preset(PRESET))).save_pretrained(tmp)
         hf = GPTNeoXForCausalLM.from_pretrained(tmp).eval()
         ours = AdaPonderForCausalLM.from_pythia(tmp, num_passes=1).eval()
     return hf, ours

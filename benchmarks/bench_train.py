@@ -39,22 +39,15 @@ CASES = {
 
 def build(kind: str, passes: int):
     """(model, its config): ours with K passes, or GPTNeoXForCausalLM, pythia-70m shape."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXForCausalLM
 
     from model import AdaPonderConfig, AdaPonderForCausalLM
+    from model.hf_compat import gpt_neox_config
 
     config = AdaPonderConfig.from_preset("pythia-70m", num_passes=passes, adaptive=passes > 1)
     if kind == "ours":
         return lambda: AdaPonderForCausalLM(config), config
-    hf_config = GPTNeoXConfig(
-        **{k: getattr(config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers")},
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        rotary_pct=config.rotary_pct,
-        max_position_embeddings=config.max_position_embeddings,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-    )
+    hf_config = gpt_neox_config(config, attention_dropout=0.0, hidden_dropout=0.0)
     return lambda: GPTNeoXForCausalLM(hf_config), config
 
 

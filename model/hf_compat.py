@@ -50,6 +50,27 @@ def _gpt_neox_fields(raw: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def gpt_neox_config(config: AdaPonderConfig, **overrides: Any) -> Any:
+    """`transformers`' GPTNeoXConfig of `config`'s backbone (the one-pass model): the reference that
+    parity tests and benchmarks compare against; the inverse of `_gpt_neox_fields`."""
+    from transformers import GPTNeoXConfig
+
+    names = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "hidden_act",
+        "rotary_pct",
+        "rotary_emb_base",
+        "max_position_embeddings",
+        "layer_norm_eps",
+        "use_parallel_residual",
+    )
+    return GPTNeoXConfig(**{name: getattr(config, name) for name in names} | overrides)
+
+
 # What PonderLM's code (LUMIA-Group/PonderingLM, LLaMA-Factory fork) writes into a GPT-NeoX
 # config.json; `mutiply` is its spelling.
 _PONDERLM_KEYS = ("ponderinglm", "pondering_steps", "scale_embeds", "mutiply_pondering_steps")

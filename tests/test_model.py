@@ -8,6 +8,7 @@ from tiny_models import VOCAB, random_halting_model, tiny
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from model import AdaPonderConfig, AdaPonderForCausalLM
+from model.hf_compat import gpt_neox_config
 from model.modeling import bottom_k_gate_loss, forward_flops
 
 
@@ -350,15 +351,8 @@ def test_presets_have_pythia_shapes(name):
     with torch.device("meta"):
         model = AdaPonderForCausalLM(config)
     assert sum(p.numel() for p in model.parameters()) == PYTHIA_PARAMS[name]
-    hf_config = GPTNeoXConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-    )
     with torch.device("meta"):
-        hf = GPTNeoXForCausalLM(hf_config)
+        hf = GPTNeoXForCausalLM(gpt_neox_config(config))
     assert {n: tuple(p.shape) for n, p in model.named_parameters()} == {
         n.replace("lm_head", "embed_out"): tuple(p.shape) for n, p in hf.named_parameters()
     }
