@@ -7,8 +7,7 @@
     python -m experiments.study run --smoke        # the whole pipeline at toy size (about a minute)
 
     # Reproduction: seed 1 again from scratch in a fresh work directory, then compared run by run
-    python -m experiments.study run --background --seeds 1 \
-        --work experiments/work/rerun --out experiments/work/rerun/out
+    python -m experiments.study run --background --seeds 1 --work experiments/work/rerun
     python -m experiments.study compare --rerun experiments/work/rerun/out
 
 `run` builds the corpus, tokenizer and shards (each skipped when present), then trains every arm and
@@ -436,7 +435,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--smoke", action="store_true", help="toy sizes: the whole pipeline in about a minute"
     )
     parser.add_argument("--work", help="run state (default experiments/work/full or experiments/work/smoke)")
-    parser.add_argument("--out", help="results and README (default experiments/, smoke: WORK/out)")
+    parser.add_argument(
+        "--out", help="results and README (default: experiments/ for the full study in its WORK, or WORK/out)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at the same time (one core each)")
     parser.add_argument("--exit-at-step", type=int, help="stop every run at this step (resumable chunks)")
     parser.add_argument("--arms", help="comma-separated arm names to run (default: all)")
@@ -444,6 +445,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--background", action="store_true", help="detach, nice 19, log to WORK/study.log")
     parser.add_argument("--rerun", help="compare: the OUT directory of a rerun of this study from scratch")
     return parser.parse_args(argv)
+
+
+def layout_of(args: argparse.Namespace) -> Layout:
+    scale = SCALES["smoke" if args.smoke else "full"]
+    default_work = (EXPERIMENTS / "work" / scale.name).resolve()
+    work = Path(args.work or default_work).resolve()
+    # Only the full study in its own work directory writes the committed results: a rerun elsewhere
+    # must not find them and take its runs for done.
+    committed = scale.name == "full" and work == default_work
+    return Layout(scale, work, Path(args.out or (EXPERIMENTS if committed else work / "out")).resolve())
 
 
 def _seeds(text: str | None, scale: Scale) -> list[int] | None:
@@ -463,10 +474,8 @@ def _seeds(text: str | None, scale: Scale) -> list[int] | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    scale = SCALES["smoke" if args.smoke else "full"]
-    work = Path(args.work or EXPERIMENTS / "work" / scale.name).resolve()
-    out = Path(args.out or (work / "out" if args.smoke else EXPERIMENTS)).resolve()
-    layout = Layout(scale, work, out)
+    layout = layout_of(args)
+    scale, work, out = layout.scale, layout.work, layout.out
     if args.command == "status":
         status(layout)
         return 0

@@ -120,6 +120,17 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
     assert "the study does not reproduce" in (out / "README.md").read_text()
 
 
+def test_only_the_full_study_in_its_own_work_directory_writes_the_committed_results(tmp_path):
+    from experiments.study import EXPERIMENTS, layout_of, parse_args
+
+    assert layout_of(parse_args(["status"])).out == EXPERIMENTS
+    rerun = layout_of(parse_args(["run", "--seeds", "1", "--work", str(tmp_path / "rerun")]))
+    assert rerun.out == tmp_path / "rerun" / "out"
+    assert layout_of(parse_args(["run", "--smoke"])).out == EXPERIMENTS / "work" / "smoke" / "out"
+    chosen = layout_of(parse_args(["report", "--work", str(tmp_path), "--out", str(tmp_path / "o")]))
+    assert chosen.out == tmp_path / "o"
+
+
 def test_reproduction_compares_every_number_but_timings(tmp_path):
     from experiments.reproduce import compare, numbers
 
