@@ -31,7 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from model.config import AdaPonderConfig
-from model.decode import applies_to, compiled_pass, decode_step
+from model.decode import DecodeResult, applies_to, compiled_pass, decode_step
 from model.hf_compat import config_from_checkpoint, load_checkpoint_state_dict, match_state_dict
 from model.inference import checked_cache, chunk_real
 from model.sparse import AlignedKV, PassLayout, packed_attention, ponder_packed, run_pass
@@ -662,11 +662,8 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
     ) -> AdaPonderOutput:
         """One new token per sequence through model/decode.py's fixed-shape step."""
         cfg, b, device = self.config, input_ids_B1.shape[0], input_ids_B1.device
-        position_ids = self._position_ids(position_ids, b, 1, cache.get_seq_length(), device)
-        cos, sin = rotary_cos_sin(position_ids, cfg.rotary_ndims, cfg.rotary_emb_base, self.dtype)
         past_real_B = cache.real.sum(-1) if output_halting else None
-        pass_fn = self.decode_pass or run_pass
-        step = decode_step(self, input_ids_B1, cos, sin, cache, tau, num_run, output_halting, pass_fn)
+        step = self.decode(input_ids_B1, position_ids, cache, tau, num_run, output_halting)
         out = AdaPonderOutput(
             logits=self.embed_out(step.h_out), cache=cache if use_cache is not False else None
         )
@@ -679,6 +676,23 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
                 out.passes, out.halted_fraction, out.mean_passes = halting_stats(active_KB1, real_B1)
                 out.flops = forward_flops(cfg, active_KB1, real_B1, past_real_B)
         return out
+
+    def decode(
+        self,
+        input_ids_B1: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        cache: Any,
+        tau: float,
+        num_run: int,
+        want_gates: bool = False,
+    ) -> DecodeResult:
+        """model/decode.py's step for one new real token per sequence (`applies_to` holds): the last
+        run pass's output h [B, 1, D], the passes run and, if asked, the gates."""
+        cfg, b, device = self.config, input_ids_B1.shape[0], input_ids_B1.device
+        position_ids = self._position_ids(position_ids, b, 1, cache.get_seq_length(), device)
+        cos, sin = rotary_cos_sin(position_ids, cfg.rotary_ndims, cfg.rotary_emb_base, self.dtype)
+        pass_fn = self.decode_pass or run_pass
+        return decode_step(self, input_ids_B1, cos, sin, cache, tau, num_run, want_gates, pass_fn)
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """transformers' inputs of each generate() step, without the per-call halting statistics

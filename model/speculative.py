@@ -1,7 +1,7 @@
 """Self-speculative decoding: pass 1 of the pondering model drafts, its remaining passes verify.
 
 A pondering model carries its own draft model: its first pass. One cycle:
-  1. Draft n tokens, one cached call each, running pass 1 only (`max_passes=1`). Their pass-1 K/V
+  1. Draft n tokens, one decode step each (model/decode.py), running pass 1 only. Their pass-1 K/V
      are exactly those the full computation needs; the cache carries them into the later passes, as
      for a token that halts after pass 1.
   2. Verify: the n drafted positions become the cache's current chunk again (`reopen_chunk`) and the
@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from model.decode import applies_to
 from model.inference import AdaPonderCache
 
 
@@ -187,9 +188,8 @@ def _cycle(
     length = input_ids_BL.shape[1]
     ids_BL, h0, q_scores = input_ids_BL, [], []
     for _ in range(n):
-        result = _cached_call(model, ids_BL[:, -1:], cache, tau, 1)
-        h0.append(result.h_out)
-        scores_BV = logits_processor(ids_BL, model.embed_out(result.h_out[:, -1]).float())
+        h0.append(_draft(model, ids_BL[:, -1:], cache, tau))
+        scores_BV = logits_processor(ids_BL, model.embed_out(h0[-1][:, -1]).float())
         draft_B = torch.multinomial(scores_BV.softmax(-1), 1)[:, 0] if do_sample else scores_BV.argmax(-1)
         q_scores.append(scores_BV)
         ids_BL = torch.cat([ids_BL, draft_B[:, None]], dim=-1)
@@ -236,6 +236,16 @@ def accept_sampled(
     rejected_B = agreed_B < n
     tokens_BN[rows[rejected_B], at_B[rejected_B]] = correction_B[rejected_B]
     return agreed_B, tokens_BN
+
+
+def _draft(model: Any, ids_B1: torch.Tensor, cache: AdaPonderCache, tau: float) -> torch.Tensor:
+    """Pass 1 of one new token per sequence, cached as for a token that halts after it; its output
+    h^0 [B, 1, D]. Through the decode step (model/decode.py) where it applies, else the general path."""
+    real_B1 = torch.ones_like(ids_B1, dtype=torch.bool)
+    if not applies_to(model, cache, real_B1, None, None):
+        return _cached_call(model, ids_B1, cache, tau, 1).h_out
+    position_ids_B1 = cache.real.sum(-1)[:, None]  # real tokens before it (left padding excluded)
+    return model.decode(ids_B1, position_ids_B1, cache, tau, 1).h_out
 
 
 def _cached_call(

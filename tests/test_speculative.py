@@ -98,6 +98,9 @@ def test_greedy_speculation_is_plain_greedy_with_padding_and_eos(name, recorded_
     model = MODELS[name]()
     ids, mask, _ = left_padded_batch([9, 6, 3], 9, seed=7)
     args = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    one_pass_steps = []  # the drafts run through the decode step (model/decode.py), pass 1 only
+    step = model.decode
+    model.decode = lambda *a, **k: one_pass_steps.append(a[4]) or step(*a, **k)
     with torch.no_grad():
         # EOS: a token sequence 0 generates early, so that sequences finish at different steps.
         eos = int(model.generate(ids, **args)[0, 9 + 4])
@@ -122,6 +125,7 @@ def test_greedy_speculation_is_plain_greedy_with_padding_and_eos(name, recorded_
     # Sequence 0 finished while others went on (padding after its EOS).
     assert plain.shape[1] > 9 + plain[0, 9:].tolist().index(eos) + 1
     assert len(recorded_stats) == 6
+    assert one_pass_steps.count(1) >= sum(s.drafted for s in recorded_stats) // 3  # drafted counts rows
     # Both branches ran: drafts the full model agreed with, and drafts it corrected.
     assert sum(s.agreed for s in recorded_stats) > 0
     assert sum(s.drafted - s.agreed for s in recorded_stats) > 0
