@@ -413,6 +413,27 @@ def _equal_passes_loss(results: list[dict[str, Any]], passes: float) -> list[flo
     return out
 
 
+def _overlap_differences(
+    results: list[dict[str, Any]], baseline: list[dict[str, Any]], points: int = 11
+) -> list[tuple[float, float, float]]:
+    """Per seed of both arms whose tau-sweep curves (loss against mean passes) overlap: the overlap
+    [lo, hi] and the mean over it (`points` evenly spaced passes) of results' loss - baseline's."""
+    by_seed = {r["seed"]: r for r in baseline}
+    out = []
+    for r in results:
+        if r["seed"] not in by_seed:
+            continue
+        pair = (r, by_seed[r["seed"]])
+        curves = [sorted((p["mean_passes"], p["loss"]) for p in x["tau_sweep"]) for x in pair]
+        lo, hi = max(c[0][0] for c in curves), min(c[-1][0] for c in curves)
+        if lo > hi:
+            continue
+        grid = np.linspace(lo, hi, points)
+        ours, theirs = (np.interp(grid, [x for x, _ in c], [y for _, y in c]) for c in curves)
+        out.append((lo, hi, float(np.mean(ours - theirs))))
+    return out
+
+
 def claims(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], prune: list[dict[str, Any]]) -> list[str]:
     ppl = {name: [r["learned"]["ppl"] for r in res] for name, res in by_arm.items()}
     passes = {name: [r["learned"]["mean_passes"] for r in res] for name, res in by_arm.items()}
@@ -495,6 +516,17 @@ def claims(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], prune: list[
             f"- at {at:.3f} passes ({at_arm}'s trained mean; curves of {len(lh)} hold / {len(la)} multiplier "
             f"seeds reach it): hold {pm(lh, '.4f')} vs multiplier {pm(la, '.4f')} nats, difference "
             f"{delta:+.4f} (se {se:.4f}): holding halting off is {verdict(delta, se)}."
+        )
+    overlaps = _overlap_differences(h, a)
+    if overlaps:
+        compared = True
+        deltas = [d for _, _, d in overlaps]
+        mean, se, worse = paired(deltas, [0.0] * len(deltas))
+        cells = ", ".join(f"{d:+.4f} ({lo:.2f}-{hi:.2f} passes)" for lo, hi, d in overlaps)
+        lines.append(
+            f"- paired by seed, averaged over the passes both of a seed's curves reach: hold - multiplier "
+            f"{cells}; mean {mean:+.4f} nats (se {se:.4f}), hold worse on {worse}/{len(deltas)} seeds: "
+            f"holding halting off is {verdict(mean, se)}."
         )
     if a and h and not compared:
         lines.append("- the arms' tau-sweep curves share no trained mean passes: no equal-passes comparison.")

@@ -245,3 +245,17 @@ def test_the_full_study_commits_its_results_and_ignores_its_run_state():
     for path, expected in [(p, False) for p in committed] + [(p, True) for p in ignored]:
         check = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO)
         assert check.returncode == (0 if expected else 1), path
+
+
+def test_stage1_options_are_compared_paired_by_seed_over_the_passes_both_curves_reach():
+    from experiments.report import _overlap_differences
+
+    def run(seed: int, curve: list[tuple[float, float]]) -> dict:
+        return {"seed": seed, "tau_sweep": [{"mean_passes": p, "loss": x} for p, x in curve]}
+
+    hold = [run(1, [(2.0, 5.0), (4.0, 4.0)]), run(2, [(3.5, 4.0), (3.9, 3.9)]), run(3, [(1.0, 6.0)])]
+    multiplier = [run(1, [(1.0, 4.5), (3.0, 4.5)]), run(2, [(1.0, 4.0), (3.0, 4.0)])]
+    # Seed 1: passes 2-3, hold's loss falls 5.0 -> 4.5 against a flat 4.5 (mean +0.25); seed 2's curves
+    # do not overlap; seed 3 has no multiplier run.
+    ((lo, hi, delta),) = _overlap_differences(hold, multiplier)
+    assert (lo, hi) == (2.0, 3.0) and abs(delta - 0.25) < 1e-12
