@@ -310,3 +310,33 @@ def test_every_launch_of_a_run_logs_to_the_same_wandb_run(tmp_path):
     first, again = wandb_resume_environment(tmp_path / "run"), wandb_resume_environment(tmp_path / "run")
     assert first == again and first["WANDB_RESUME"] == "allow"
     assert wandb_resume_environment(tmp_path / "other")["WANDB_RUN_ID"] != first["WANDB_RUN_ID"]
+
+
+def test_the_logging_interval_carried_by_a_checkpoint_survives_another_rank_count():
+    import torch
+
+    from training.metrics import TrainMeter
+
+    def saved(seed: int) -> dict:
+        meter = TrainMeter(4, torch.device("cpu"), num_gates=3)
+        state = meter.state_dict()
+        state["sums"] = [float(seed + i) for i in range(len(state["sums"]))]
+        state["gates"] = [[float(seed * j) for j in range(len(row))] for row in state["gates"]]
+        return state | {"steps": 2, "grad_norms": [0.5, 0.25]}
+
+    states = [saved(1), saved(10)]
+
+    def loaded(rank: int, world_size: int) -> dict:
+        meter = TrainMeter(4, torch.device("cpu"), num_gates=3)
+        meter.load_state_dict(states, rank, world_size)
+        return meter.state_dict()
+
+    assert loaded(1, 2) == states[1]  # same rank count: each rank its own
+    merged = loaded(0, 1)  # fewer ranks: rank 0 holds the sum, which is what logging all-reduces
+    assert merged["sums"] == [a + b for a, b in zip(states[0]["sums"], states[1]["sums"])]
+    assert merged["gates"][2] == [a + b for a, b in zip(states[0]["gates"][2], states[1]["gates"][2])]
+    assert set(loaded(2, 3)["sums"]) == {0.0} and loaded(2, 3)["grad_norms"] == [0.5, 0.25]
+    # The carried tokens count in the interval's means, not in this process's throughput.
+    meter = TrainMeter(4, torch.device("cpu"), num_gates=3)
+    meter.load_state_dict(states, 0, 1)
+    assert meter.reduce()["tokens_per_sec"] == 0.0

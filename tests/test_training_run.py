@@ -238,6 +238,21 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, train_shards, reference)
     assert_same_weights(weights(run, STEPS), weights(reference, STEPS))
 
 
+def test_a_stop_between_logged_steps_resumes_the_logged_interval(tmp_path, train_shards, reference):
+    # Logged every 3 steps, stopped at step 4: the interval of steps 4-6 spans the stop. The checkpoint
+    # carries step 4's sums, so step 6 logs the mean of steps 4, 5 and 6, not of 5 and 6.
+    config = make_config(tmp_path, train_shards, "interval", logging__log_interval=3)
+    train(config, "exit_at_step=4")
+    train(config)
+    logged, every_step = scalars(run_dir(config)), scalars(reference)
+    for tag in ("train/lm_loss", "ponder/mean_passes", "train/ponder_loss"):
+        assert sorted(logged[tag]) == [3, 6, 8]
+        for step, steps in ((3, (1, 2, 3)), (6, (4, 5, 6)), (8, (7, 8))):
+            expected = sum(every_step[tag][s] for s in steps) / len(steps)
+            assert abs(logged[tag][step] - expected) <= 1e-6 * max(1.0, abs(expected)), (tag, step)
+    assert 0 < logged["perf/tokens_per_sec"][6] < float("inf")
+
+
 def test_sigkill_between_checkpoints_resumes_from_the_last_complete_one(tmp_path, train_shards, reference):
     config = make_config(tmp_path, train_shards, "killed")
     proc = subprocess.Popen(

@@ -165,10 +165,41 @@ class TrainMeter:
         self._gates = torch.zeros(
             self._num_gates, len(self.edges) + 1, dtype=torch.float64, device=self._device
         )
-        self._started = time.perf_counter()
-        self._excluded = 0.0
+        # Tokens and dense FLOPs carried over from a checkpoint (load_state_dict): counted in the
+        # interval's averages, not in its throughput, which this process did not time.
+        self._untimed = torch.zeros(2, dtype=torch.float64, device=self._device)
         self.steps = 0
         self.grad_norms: list[float] = []
+        self.start_clock()
+
+    def start_clock(self) -> None:
+        self._started = time.perf_counter()
+        self._excluded = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The interval's sums so far on this rank (float64, exact): a checkpoint taken between two
+        logged steps carries them, so that the resumed run logs the same interval means."""
+        return {
+            "sums": self._sums.tolist(),
+            "gates": self._gates.tolist(),
+            "steps": self.steps,
+            "grad_norms": list(self.grad_norms),
+        }
+
+    def load_state_dict(self, states: list[dict[str, Any]], rank: int, world_size: int) -> None:
+        """Continue the interval of a checkpoint; `states` holds every saving rank's state_dict. The
+        sums are all-reduced when logged, so on another rank count rank 0 takes all of them."""
+        if len(states) == world_size:
+            mine = [states[rank]]
+        else:
+            mine = states if rank == 0 else []
+        for state in mine:
+            self._sums += torch.tensor(state["sums"], dtype=torch.float64, device=self._device)
+            gates = torch.tensor(state["gates"], dtype=torch.float64, device=self._device)
+            self._gates += gates.reshape(self._gates.shape)
+        self._untimed = self._sums[3:5].clone()
+        self.steps = states[0]["steps"]
+        self.grad_norms = list(states[0]["grad_norms"])
 
     def add_micro_batch(self, out: Any) -> None:
         passes = torch.bincount(out.passes.flatten() - 1, minlength=self._k).double()
@@ -209,18 +240,20 @@ class TrainMeter:
         world = dist.world_size()
         memory = torch.zeros(world, dtype=torch.float64, device=self._device)
         memory[dist.rank()] = peak_memory_gib()
-        total = dist.all_reduce_sum(torch.cat([self._sums, memory, self._gates.flatten()])).tolist()
-        gate_rows = total[len(self._sums) + world :]
+        reduced = torch.cat([self._sums, memory, self._gates.flatten(), self._untimed])
+        total = dist.all_reduce_sum(reduced).tolist()
+        untimed_tokens, untimed_flops = total[-2:]
+        gate_rows = total[len(self._sums) + world : -2]
         width = len(self.edges) + 1
         gates = [gate_rows[u * width : (u + 1) * width] for u in range(self._num_gates)]
         lm, ponder, micro, tokens, dense_flops, adaptive_flops = total[:6]
         passes = total[6 : 6 + self._k]
-        model_tflops_per_rank = 3 * dense_flops / elapsed / world / 1e12
+        model_tflops_per_rank = 3 * (dense_flops - untimed_flops) / elapsed / world / 1e12
         return {
             "lm_loss": lm / micro,
             "ponder_loss": ponder / micro,
             "tokens": tokens,
-            "tokens_per_sec": tokens / elapsed,
+            "tokens_per_sec": (tokens - untimed_tokens) / elapsed,
             "tflops_per_rank": model_tflops_per_rank,
             "adaptive_flops_fraction": adaptive_flops / dense_flops,
             "passes_count": passes,

@@ -129,6 +129,8 @@ class Trainer:
         mc = self.model_config
         num_gates = mc.num_passes - 1 if mc.adaptive else 0
         self.meter = TrainMeter(mc.num_passes, self.device, num_gates, mc.halt_threshold)
+        if client is not None and "meter" in client:  # checkpoints from before it was saved lack it
+            self.meter.load_state_dict(client["meter"], dist.rank(), plan.data_parallel_size)
         self.peak_flops = detect_peak_tflops(cfg.precision, cfg.logging.peak_tflops)
         self.writer = MetricsWriter(
             self.run_dir / "tensorboard",
@@ -304,7 +306,7 @@ class Trainer:
             self._evaluate()
             self._initial_eval = self._last_eval
         self.engine.train()
-        self.meter.reset()
+        self.meter.start_clock()
         while self.state.step < plan.train_steps:
             step = self.state.step + 1
             settings = self.schedules.at(step, self.state.consumed_tokens + plan.tokens_per_step)
@@ -456,6 +458,7 @@ class Trainer:
             "model_config": json.loads(self.model_config.to_json_string()),
             "provenance": self.provenance,
             "rng": dist.all_gather_object(checkpoint.capture_rng()),
+            "meter": dist.all_gather_object(self.meter.state_dict()),
         }
 
     def _save(self) -> None:
