@@ -4,6 +4,7 @@ Batch 1 (or `--batch-size` prompts per generate() call), greedy, `--new-tokens` 
 For every model: plain `generate()` and `generate(assistant_early_exit=1, num_assistant_tokens=n)`
 for n = 1..8, interleaved rep by rep (medians), with the acceptance rate (drafts the full model
 agreed with), tokens per verify cycle and a check that the tokens are identical to plain decoding.
+Rows "n=4 gen." and "n=8 gen." draft through the general cached path instead of the decode step.
 
 Models (a random one says nothing about acceptance):
   - tiny-trained: K = 4, D = 64, 2 layers, byte-level vocabulary, trained here for `--train-steps`
@@ -22,16 +23,19 @@ import statistics
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LogitsProcessorList, MaxLengthCriteria, StoppingCriteriaList
 
-from model import AdaPonderConfig, AdaPonderForCausalLM
+from model import AdaPonderConfig, AdaPonderForCausalLM, speculative
 from model.inference import AdaPonderCache
 from model.speculative import speculative_loop
 
 DRAFTS = range(1, 9)
+GENERAL_DRAFTS = (4, 8)  # also timed with drafts through the general cached path ("gen.")
 
 
 def stdlib_text(max_bytes: int) -> str:
@@ -98,11 +102,28 @@ def batched(prompts: list[torch.Tensor], size: int) -> list[torch.Tensor]:
     return [torch.cat(prompts[i : i + size]) for i in range(0, len(prompts), size)]
 
 
+@contextmanager
+def drafts_through(general: bool) -> Iterator[None]:
+    """With `general`, drafts run through the general cached path (model/sparse.py) rather than the
+    decode step (model/decode.py): the same tokens, to show what the decode step gains."""
+    original = speculative._draft
+    if general:
+        speculative._draft = lambda model, ids, cache, tau: (
+            speculative._cached_call(model, ids, cache, tau, 1).h_out
+        )
+    try:
+        yield
+    finally:
+        speculative._draft = original
+
+
 def timed_generation(model, prompts, gen, extra) -> float:
-    start = time.perf_counter()
-    for p in prompts:
-        model.generate(p, **gen, **extra)
-    return time.perf_counter() - start
+    extra = dict(extra)
+    with drafts_through(extra.pop("general_drafts", False)):
+        start = time.perf_counter()
+        for p in prompts:
+            model.generate(p, **gen, **extra)
+        return time.perf_counter() - start
 
 
 def bench_model(name: str, model: AdaPonderForCausalLM, prompts: list[torch.Tensor], args) -> None:
@@ -110,17 +131,23 @@ def bench_model(name: str, model: AdaPonderForCausalLM, prompts: list[torch.Tens
     configs = {"plain": {}} | {
         f"n={n}": {"assistant_early_exit": 1, "num_assistant_tokens": n} for n in DRAFTS
     }
+    configs |= {
+        f"n={n} gen.": {"assistant_early_exit": 1, "num_assistant_tokens": n, "general_drafts": True}
+        for n in GENERAL_DRAFTS
+    }
     with torch.no_grad():
         reference = [model.generate(p, **gen) for p in prompts]
         identical, stats = {}, {}
         for label, extra in configs.items():
-            identical[label] = all(
-                torch.equal(model.generate(p, **gen, **extra), r) for p, r in zip(prompts, reference)
-            )
-            if extra:
-                stats[label] = [
-                    _speculate(model, p, extra["num_assistant_tokens"], args.new_tokens) for p in prompts
-                ]
+            options = {k: v for k, v in extra.items() if k != "general_drafts"}
+            with drafts_through(extra.get("general_drafts", False)):
+                identical[label] = all(
+                    torch.equal(model.generate(p, **gen, **options), r) for p, r in zip(prompts, reference)
+                )
+                if extra:
+                    stats[label] = [
+                        _speculate(model, p, extra["num_assistant_tokens"], args.new_tokens) for p in prompts
+                    ]
         times = {label: [] for label in configs}
         for _ in range(args.reps):
             for label, extra in configs.items():
