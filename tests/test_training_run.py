@@ -239,12 +239,15 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, train_shards, reference)
 
 
 def test_a_stop_between_logged_steps_resumes_the_logged_interval(tmp_path, train_shards, reference):
-    # Logged every 3 steps, stopped at step 4: the interval of steps 4-6 spans the stop. The checkpoint
-    # carries step 4's sums, so step 6 logs the mean of steps 4, 5 and 6, not of 5 and 6.
+    # Logged every 3 steps, stopped at step 5 (between checkpoints 4 and 8, as a SIGTERM stops a run):
+    # the interval of steps 4-6 spans the stop. The checkpoint carries steps 4 and 5's sums, so step 6
+    # logs the mean of steps 4, 5 and 6, not of step 6 alone; the weights are the uninterrupted run's.
     config = make_config(tmp_path, train_shards, "interval", logging__log_interval=3)
-    train(config, "exit_at_step=4")
+    train(config, "exit_at_step=5")
     train(config)
-    logged, every_step = scalars(run_dir(config)), scalars(reference)
+    run = run_dir(config)
+    assert_same_weights(weights(run, STEPS), weights(reference, STEPS))
+    logged, every_step = scalars(run), scalars(reference)
     for tag in ("train/lm_loss", "ponder/mean_passes", "train/ponder_loss"):
         assert sorted(logged[tag]) == [3, 6, 8]
         for step, steps in ((3, (1, 2, 3)), (6, (4, 5, 6)), (8, (7, 8))):
