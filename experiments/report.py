@@ -592,7 +592,11 @@ def reproduction(layout: Layout) -> list[str]:
         f"(`{comparison['rerun']}`; commands at the top of `experiments/study.py`): corpus, tokenizer "
         f"and shards rebuilt ({comparison['data']} as this study's, sha256 in `results/corpus.json`), "
         "then every run trained and evaluated. Each run's result is compared with this study's over "
-        "every number it holds but timings (tau sweep, fixed pruning, NLL by passes, training curve).",
+        "every number it holds but timings (tau sweep, fixed pruning, NLL by passes, training curve). "
+        "Resumed: how often the run's trainer continued from a checkpoint after a stop or a kill (its "
+        "log's `resumed from` lines). Checkpoints taken between two logged steps carry the logging "
+        "interval since 2026-12-01; a run resumed from one before that logs, at the first logged step "
+        "after the resume, the mean of the steps since the resume only.",
         "",
         *table(comparison),
         "",

@@ -112,14 +112,17 @@ def reproduced(comparison: dict[str, Any]) -> bool:
 def table(comparison: dict[str, Any]) -> list[str]:
     lines = [
         "| run | PPL (study) | PPL (rerun) | passes (study) | passes (rerun) | PPL difference / seed std "
-        "| largest relative difference of any number (where) | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| largest relative difference of any number (where) | resumed from a checkpoint (study / rerun) "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in comparison["runs"]:
         ratio = abs(r["ppl_rerun"] - r["ppl_reference"]) / r["ppl_seed_std"]
+        counts = (r.get("resumes_reference"), r.get("resumes_rerun"))
+        resumed = " / ".join("?" if c is None else str(c) for c in counts)
         lines.append(
             f"| {r['run']} | {r['ppl_reference']:.4f} | {r['ppl_rerun']:.4f} | {r['passes_reference']:.4f} "
             f"| {r['passes_rerun']:.4f} | {ratio:.1e} | {r['largest_relative_difference']:.1e} "
-            f"(`{r['at'] or '-'}`) | {r['verdict']} |"
+            f"(`{r['at'] or '-'}`) | {resumed} | {r['verdict']} |"
         )
     return lines

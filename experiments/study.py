@@ -8,7 +8,7 @@
 
     # Reproduction: seed 1 again from scratch in a fresh work directory, then compared run by run
     python -m experiments.study run --background --seeds 1 --work experiments/work/rerun
-    python -m experiments.study compare --rerun experiments/work/rerun/out
+    python -m experiments.study compare --rerun experiments/work/rerun
 
 `run` builds the corpus, tokenizer and shards (each skipped when present), then trains every arm and
 seed with `training/pretrain.py` (one process per run, `--jobs` at a time), evaluates each finished
@@ -169,12 +169,20 @@ def checked_config(layout: Layout, arm: Arm, seed: int) -> Path:
 
 
 def train(layout: Layout, name: str, config: Path, exit_at_step: int | None, lock_fd: int) -> None:
-    """Train (or resume) one run; its wall time is added to `wall.json` in the run directory."""
+    """Train (or resume) one run; its wall time is added to `wall.json` in the run directory (an
+    invocation killed with its task, which could not record itself, is counted by the next one)."""
     run_dir = layout.run_dir(name)
     command = [sys.executable, str(REPO_ROOT / "training" / "pretrain.py"), "--config", str(config)]
     if exit_at_step is not None:
         command.append(f"exit_at_step={exit_at_step}")
     layout.logs.mkdir(parents=True, exist_ok=True)
+    wall_file = run_dir / "wall.json"
+    wall = json.loads(wall_file.read_text()) if wall_file.is_file() else {"seconds": 0.0, "invocations": 0}
+    if "open_since" in wall:  # the last invocation was killed: count it until its log's last line
+        last_output = (layout.logs / f"{name}.log").stat().st_mtime
+        wall["seconds"] += max(0.0, last_output - wall.pop("open_since"))
+        wall["invocations"] += 1
+    wall_file.write_text(json.dumps(wall | {"open_since": time.time()}))
     started = time.perf_counter()
     with open(layout.logs / f"{name}.log", "a") as out:
         out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
@@ -187,8 +195,6 @@ def train(layout: Layout, name: str, config: Path, exit_at_step: int | None, loc
             cwd=REPO_ROOT,
             pass_fds=(lock_fd,),
         )
-    wall_file = run_dir / "wall.json"
-    wall = json.loads(wall_file.read_text()) if wall_file.is_file() else {"seconds": 0.0, "invocations": 0}
     wall["seconds"] += time.perf_counter() - started
     wall["invocations"] += 1
     wall_file.write_text(json.dumps(wall))
@@ -360,16 +366,29 @@ def run_study(
     return 0
 
 
-def compare_rerun(layout: Layout, rerun: Path) -> int:
-    """Compare a rerun's results (its OUT directory) with this study's; record it for the report."""
+def resumes(layout: Layout, name: str) -> int | None:
+    """How often the run's trainer resumed from a checkpoint (its log's "resumed from" lines)."""
+    path = layout.logs / f"{name}.log"
+    if not path.is_file():
+        return None
+    with open(path, errors="replace") as log_file:
+        return sum(line.startswith("resumed from ") for line in log_file)
+
+
+def compare_rerun(layout: Layout, rerun_work: Path) -> int:
+    """Compare the results of a rerun in `rerun_work` (its OUT: WORK/out) with this study's; record
+    the comparison for the report."""
     from experiments.report import write_report
     from experiments.reproduce import compare, reproduced, table
 
-    comparison = compare(layout.results, rerun / "results")
+    rerun = Layout(layout.scale, rerun_work, rerun_work / "out")
+    comparison = compare(layout.results, rerun.results)
+    for r in comparison["runs"]:
+        r["resumes_reference"], r["resumes_rerun"] = resumes(layout, r["run"]), resumes(rerun, r["run"])
     try:
-        comparison["rerun"] = str(rerun.relative_to(layout.out.parent))
+        comparison["rerun"] = str(rerun_work.relative_to(layout.out.parent))
     except ValueError:
-        comparison["rerun"] = str(rerun)
+        comparison["rerun"] = str(rerun_work)
     write_result(layout.results / "reproduction.json", comparison)
     print(f"data: {comparison['data']}")
     print("\n".join(table(comparison)))
@@ -443,7 +462,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--arms", help="comma-separated arm names to run (default: all)")
     parser.add_argument("--seeds", help="comma-separated seeds to run (default: all of the scale's)")
     parser.add_argument("--background", action="store_true", help="detach, nice 19, log to WORK/study.log")
-    parser.add_argument("--rerun", help="compare: the OUT directory of a rerun of this study from scratch")
+    parser.add_argument("--rerun", help="compare: the WORK directory of a rerun of this study from scratch")
     return parser.parse_args(argv)
 
 
@@ -486,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "compare":
         if not args.rerun:
-            print("compare needs --rerun OUT (the results directory of a rerun)", file=sys.stderr)
+            print("compare needs --rerun WORK (the work directory of a rerun)", file=sys.stderr)
             return 2
         return compare_rerun(layout, Path(args.rerun).resolve())
     if args.command == "_task":

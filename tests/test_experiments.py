@@ -104,19 +104,21 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
 
     # From scratch in a fresh work directory, uninterrupted: the same data bytes and the same
     # results as the study above, whose adaptive run was stopped and resumed.
-    study(tmp_path, "run", "--arms", "vanilla,adaponder", work="rerun", out="rerun-out")
-    compared = study(tmp_path, "compare", "--rerun", str(tmp_path / "rerun-out"))
+    study(tmp_path, "run", "--arms", "vanilla,adaponder", work="rerun", out="rerun/out")
+    compared = study(tmp_path, "compare", "--rerun", str(tmp_path / "rerun"))
     assert "data: same bytes" in compared.stdout
     reproduction = json.loads((out / "results" / "reproduction.json").read_text())
     assert [r["run"] for r in reproduction["runs"]] == ["adaponder-s1", "vanilla-s1"]
     assert all(r["verdict"] == "same" for r in reproduction["runs"]), reproduction
+    resumed = {r["run"]: (r["resumes_reference"], r["resumes_rerun"]) for r in reproduction["runs"]}
+    assert resumed == {"adaponder-s1": (1, 0), "vanilla-s1": (0, 0)}
     assert "## Reproduction from scratch" in (out / "README.md").read_text()
     # A rerun that does not reproduce fails the command and says so in the report.
-    rerun_result = tmp_path / "rerun-out" / "results" / "by_run" / "vanilla-s1.json"
+    rerun_result = tmp_path / "rerun" / "out" / "results" / "by_run" / "vanilla-s1.json"
     broken = json.loads(rerun_result.read_text())
     broken["learned"]["ppl"] *= 2
     rerun_result.write_text(json.dumps(broken))
-    study(tmp_path, "compare", "--rerun", str(tmp_path / "rerun-out"), code=1)
+    study(tmp_path, "compare", "--rerun", str(tmp_path / "rerun"), code=1)
     assert "the study does not reproduce" in (out / "README.md").read_text()
 
 
@@ -259,3 +261,27 @@ def test_stage1_options_are_compared_paired_by_seed_over_the_passes_both_curves_
     # do not overlap; seed 3 has no multiplier run.
     ((lo, hi, delta),) = _overlap_differences(hold, multiplier)
     assert (lo, hi) == (2.0, 3.0) and abs(delta - 0.25) < 1e-12
+
+
+def test_an_invocation_killed_with_its_task_still_counts_in_the_wall_time(tmp_path, monkeypatch):
+    import time
+
+    import experiments.study as study_module
+    from experiments.study import Layout, train
+
+    layout = Layout(SMOKE, tmp_path / "work", tmp_path / "out")
+    run_dir = layout.run_dir("vanilla-s1")
+    run_dir.mkdir(parents=True)
+    layout.logs.mkdir(parents=True)
+    # Killed mid-run: its invocation opened at t-100 s and its log was last written at t-40 s.
+    now = time.time()
+    killed = {"seconds": 5.0, "invocations": 1, "open_since": now - 100}
+    (run_dir / "wall.json").write_text(json.dumps(killed))
+    log = layout.logs / "vanilla-s1.log"
+    log.write_text("step 10/1000\n")
+    os.utime(log, (now - 40, now - 40))
+    monkeypatch.setattr(study_module.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0))
+    train(layout, "vanilla-s1", tmp_path / "config.yaml", None, lock_fd=0)
+    wall = json.loads((run_dir / "wall.json").read_text())
+    assert wall["invocations"] == 3 and "open_since" not in wall
+    assert 65.0 <= wall["seconds"] < 75.0  # 5 + the killed one's 60 + this one's (a fake trainer: ~0)
