@@ -650,6 +650,8 @@ hand (the study rewrites it).
     python -m experiments.study status             # which runs are trained / evaluated
     python -m experiments.study report             # regenerate this file and the plots
     python -m experiments.study run --smoke        # toy size, as tests/test_experiments.py runs it
+    python -m experiments.study run --seeds 1 --work experiments/work/rerun   # seed 1 again, from scratch
+    python -m experiments.study compare --rerun experiments/work/rerun        # "Reproduction" below
 
 The command resumes where it stopped: evaluated runs are skipped, trained runs are only evaluated,
 interrupted runs continue from their last checkpoint (every {interval} steps). Run state (corpus,
