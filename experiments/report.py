@@ -685,13 +685,12 @@ def write_report(layout: Layout) -> Path:
     plot_training_passes(layout, by_arm, layout.results / "training_passes.png")
     missing = _missing(layout)
     rel = layout.results.relative_to(layout.out)
-    try:
-        work = layout.work.relative_to(layout.out.parent)
-    except ValueError:
-        work = layout.work
     lines = [
         HEADER.format(
-            results=rel, work=work, interval=layout.scale.checkpoint_interval, tokens=layout.scale.tokens
+            results=rel,
+            work=layout.shown(layout.work),
+            interval=layout.scale.checkpoint_interval,
+            tokens=layout.scale.tokens,
         )
     ]
     if layout.scale.name == "full":

@@ -63,6 +63,13 @@ class Layout:
     def run_dir(self, name: str) -> Path:
         return self.runs / name
 
+    def shown(self, path: Path) -> Path:
+        """`path` as the report names it: relative to OUT's parent (the repository) when below it."""
+        try:
+            return path.relative_to(self.out.parent)
+        except ValueError:
+            return path
+
     def result_file(self, name: str) -> Path:
         return self.results / "by_run" / f"{name}.json"  # not "runs/": .gitignore ignores that name
 
@@ -385,10 +392,7 @@ def compare_rerun(layout: Layout, rerun_work: Path) -> int:
     comparison = compare(layout.results, rerun.results)
     for r in comparison["runs"]:
         r["resumes_reference"], r["resumes_rerun"] = resumes(layout, r["run"]), resumes(rerun, r["run"])
-    try:
-        comparison["rerun"] = str(rerun_work.relative_to(layout.out.parent))
-    except ValueError:
-        comparison["rerun"] = str(rerun_work)
+    comparison["rerun"] = str(layout.shown(rerun_work))
     write_result(layout.results / "reproduction.json", comparison)
     print(f"data: {comparison['data']}")
     print("\n".join(table(comparison)))

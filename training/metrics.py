@@ -168,8 +168,7 @@ class TrainMeter:
         # Tokens and dense FLOPs carried over from a checkpoint (load_state_dict): counted in the
         # interval's averages, not in its throughput, which this process did not time.
         self._untimed = torch.zeros(2, dtype=torch.float64, device=self._device)
-        self.steps = 0
-        self.grad_norms: list[float] = []
+        self.grad_norm = float("nan")  # the interval's last step's (what is logged)
         self.start_clock()
 
     def start_clock(self) -> None:
@@ -182,8 +181,7 @@ class TrainMeter:
         return {
             "sums": self._sums.tolist(),
             "gates": self._gates.tolist(),
-            "steps": self.steps,
-            "grad_norms": list(self.grad_norms),
+            "grad_norm": self.grad_norm,
         }
 
     def load_state_dict(self, states: list[dict[str, Any]], rank: int, world_size: int) -> None:
@@ -198,8 +196,7 @@ class TrainMeter:
             gates = torch.tensor(state["gates"], dtype=torch.float64, device=self._device)
             self._gates += gates.reshape(self._gates.shape)
         self._untimed = self._sums[3:5].clone()
-        self.steps = states[0]["steps"]
-        self.grad_norms = list(states[0]["grad_norms"])
+        self.grad_norm = states[0]["grad_norm"]
 
     def add_micro_batch(self, out: Any) -> None:
         passes = torch.bincount(out.passes.flatten() - 1, minlength=self._k).double()
@@ -231,8 +228,7 @@ class TrainMeter:
         self._excluded += seconds
 
     def add_step(self, grad_norm: float) -> None:
-        self.steps += 1
-        self.grad_norms.append(grad_norm)
+        self.grad_norm = grad_norm
 
     def reduce(self) -> dict[str, Any]:
         """Collective: every rank calls it. Returns the interval's metrics over all ranks."""
@@ -259,7 +255,7 @@ class TrainMeter:
             "passes_count": passes,
             "mean_passes": sum((j + 1) * c for j, c in enumerate(passes)) / tokens,
             "halted_fraction": [c / tokens for c in passes],
-            "grad_norm": self.grad_norms[-1] if self.grad_norms else float("nan"),
+            "grad_norm": self.grad_norm,
             "peak_memory_gib": total[6 + self._k : 6 + self._k + world],
             "gate_histograms": [
                 {"counts": row[:-2], "sum": row[-2], "sum_squares": row[-1], "edges": self.edges}
