@@ -37,6 +37,8 @@ class Scale:
     # validation split of their own; 0: none.
     synthetic_train_bytes: int = 0
     synthetic_valid_bytes: int = 0
+    # Questions per downstream task (experiments/downstream.py; needs the programs' validation split).
+    task_examples: int = 0
 
     @property
     def tokens(self) -> int:
@@ -95,6 +97,7 @@ SMOKE = Scale(
     taus=(1e-4, 0.9, 0.99),  # gates start near 0.98 (gate_bias_init 4): 0.99 halts tokens early
     synthetic_train_bytes=60_000,
     synthetic_valid_bytes=20_000,
+    task_examples=8,
 )
 
 # The regime pilot: more tokens per parameter than FULL (a smaller vocabulary, 3x the tokens: 2.3
@@ -123,6 +126,10 @@ PILOT = Scale(
 )
 
 SCALES = {s.name: s for s in (FULL, SMOKE, PILOT)}
+
+# Declared before the study's runs: "the same quality" means the 95% paired t interval (df = seeds - 1)
+# of the validation-loss difference lies inside +-EQUIVALENCE_MARGIN nats (about 2% of perplexity).
+EQUIVALENCE_MARGIN = 0.02
 PASSES = 4  # K of every pondering arm
 
 

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from experiments.arms import arms, run_name
+from experiments.arms import EQUIVALENCE_MARGIN, arms, run_name
 
 DECISION_NATS = 0.05
 ARMS = ("vanilla", "ponderlm")
@@ -150,6 +150,15 @@ def write_pilot_report(layout) -> Path:
         f"**Verdict: {verdict}**",
         "",
         f"Cost per run measured here (training, niced, beside other work on 2 cores): {cost or 'n/a'}.",
+        "",
+        "## Declared before the study's runs",
+        "",
+        f'- Equivalence margin: a claim of "the same quality" holds only if the 95% paired t interval '
+        f"(df = seeds - 1) of the validation-loss difference lies inside +-{EQUIVALENCE_MARGIN} nats "
+        "(about 2% of perplexity); an interval that crosses the margin is reported as inconclusive.",
+        "- Every comparison is paired by seed (all arms of a seed share init seed and data order) and "
+        "reported as the mean difference with its t interval; no claim rests on unpaired standard "
+        "errors or on a count of seeds.",
         "",
     ]
     out = layout.out / "README.md"

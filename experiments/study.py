@@ -38,6 +38,7 @@ import yaml
 
 from experiments.arms import SCALES, Arm, Scale, arms, run_config, run_name
 from experiments.corpus import TRAIN_PACKAGES, VALID_PACKAGES, SplitSpec, write_split, write_synthetic
+from experiments.downstream import TASKS
 
 EXPERIMENTS = Path(__file__).resolve().parent
 REPO_ROOT = EXPERIMENTS.parent
@@ -139,6 +140,11 @@ def prepare_data(layout: Layout) -> dict[str, Any]:
             stats = preprocess(sources, str(tokenizer), str(data / name), progress=False)
             facts.setdefault(name, {})["tokens"] = stats.tokens
             log(f"shards {name}: {stats.tokens:,} tokens")
+    if scale.task_examples and not (data / "tasks" / "ponder_realline.yaml").is_file():
+        from experiments.downstream import write_tasks
+
+        write_tasks(data, data / "tasks", scale.task_examples)
+        log(f"downstream tasks: {scale.task_examples} questions each in {data / 'tasks'}")
     # What a rerun from scratch must rebuild byte for byte (`compare` checks it).
     built = [
         "train.jsonl",
@@ -146,6 +152,7 @@ def prepare_data(layout: Layout) -> dict[str, Any]:
         "tokenizer/tokenizer.json",
         *(f"{name}.jsonl" for name, size in synthetic.items() if size),
         *(f"{name}.{ext}" for name in shards for ext in ("bin", "idx")),
+        *(f"tasks/{task}.jsonl" for task in TASKS if scale.task_examples),
     ]
     facts["sha256"] = {name: sha256_file(data / name) for name in built}
     facts_file.write_text(json.dumps(facts, indent=1))
@@ -249,6 +256,8 @@ def evaluate(layout: Layout, arm: Arm, seed: int) -> None:
     result = evaluate_run(run_dir, paths["valid"], *settings)
     if "valid_synthetic" in paths:
         result["synthetic"] = evaluate_run(run_dir, paths["valid_synthetic"], *settings)["learned"]
+    if scale.task_examples:
+        result["tasks"] = downstream(run_dir, layout, scale.eval_batch)
     summary = json.loads((run_dir / "summary.json").read_text())
     result.update(
         arm=arm.name,
@@ -262,6 +271,20 @@ def evaluate(layout: Layout, arm: Arm, seed: int) -> None:
     )
     result["training_curve"] = training_curve(run_dir)
     write_result(layout.result_file(name), result)
+
+
+def downstream(run_dir: Path, layout: Layout, batch: int) -> dict[str, Any]:
+    """Accuracy and passes of each downstream task at the model's trained halting threshold."""
+    from training.evaluate import evaluate_tasks, load_model, load_tokenizer
+
+    model, _, _ = load_model(run_dir)
+    tokenizer = load_tokenizer(layout.data_paths()["tokenizer"])
+    include = str(layout.data / "tasks")
+    scores = evaluate_tasks(model, tokenizer, list(TASKS), include_path=include, batch_size=batch)
+    return {
+        task: {"acc": s["metrics"]["acc,none"], "mean_passes": s["mean_passes"], "tokens": s["tokens"]}
+        for task, s in scores.items()
+    }
 
 
 def write_result(out: Path, result: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # experiments/ is a directory of the repository, not an installed package
 from experiments.arms import PILOT  # noqa: E402
 from experiments.corpus import synthetic_program, write_synthetic  # noqa: E402
+from experiments.downstream import write_tasks  # noqa: E402
 from experiments.pilot import mixture_loss, paired_interval, write_pilot_report  # noqa: E402
 from experiments.study import Layout  # noqa: E402
 
@@ -87,3 +88,23 @@ def test_the_report_states_the_paired_decision(tmp_path, ponderlm_losses, verdic
     assert f"**Verdict: {verdict}" in readme
     assert mixture_loss(_result(4.0, 1.5)) == pytest.approx(0.9 * 4.0 + 0.1 * 1.5)
     assert "| vanilla-s1 | 1,000 | 3,000 | 3.00 | 4.0000 | 1.5000 | 3.7500 | 0.2000 | 60 | 50 |" in readme
+
+
+def test_downstream_questions_have_one_right_answer(tmp_path):
+    write_synthetic(tmp_path / "valid_synthetic.jsonl", 30_000, seed=2)
+    code = "\n".join(f"value_{i} = compute(first_{i}, second[{i}])" for i in range(40))
+    (tmp_path / "valid.jsonl").write_text(json.dumps({"text": code}) + "\n")
+    write_tasks(tmp_path, tmp_path / "tasks", 10)
+    asserts = [json.loads(x) for x in (tmp_path / "tasks" / "ponder_assert.jsonl").read_text().splitlines()]
+    assert len(asserts) == 10
+    for row in asserts:
+        program = row["context"] + " " + row["choices"][row["label"]] + "\n"
+        _, asserted, computed = _values(program)
+        assert asserted == computed and len(set(row["choices"])) == 4
+    lines = [json.loads(x) for x in (tmp_path / "tasks" / "ponder_realline.jsonl").read_text().splitlines()]
+    assert len(lines) == 10
+    for row in lines:
+        real = row["choices"][row["label"]]
+        assert real in code.splitlines() and len(set(row["choices"])) == 4
+        assert row["context"].count("\n") == 6 and row["context"] + real in code  # the 6 lines before it
+    assert 'target_delimiter: ""' in (tmp_path / "tasks" / "ponder_realline.yaml").read_text()
