@@ -100,22 +100,29 @@ SMOKE = Scale(
     task_examples=8,
 )
 
-# The regime pilot: more tokens per parameter than FULL (a smaller vocabulary, 3x the tokens: 2.3
-# tokens per parameter against 0.56) and a share of generated multi-step programs, trained for the
-# vanilla and PonderLM arms only (`--arms vanilla,ponderlm`), evaluated on whole validation shards.
+# The regime pilot: more tokens per parameter than FULL (a narrower model and a smaller vocabulary,
+# 2x the tokens: 2.45 tokens per parameter against 0.56) and a share of generated multi-step
+# programs, trained for the vanilla and PonderLM arms only (`--arms vanilla,ponderlm`), evaluated on
+# whole validation shards.
 PILOT = Scale(
     name="pilot",
     train_bytes=24_000_000,
     valid_bytes=3_000_000,
     vocab_size=2048,
-    model=FULL.model,
+    model={
+        "hidden_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 384,
+        "max_position_embeddings": 256,
+    },
     seq_len=256,
     batch_size=8,
-    train_steps=1500,
+    train_steps=1000,
     warmup=30,
     lr=2e-3,
-    stage1=750,
-    ramp=300,
+    stage1=500,
+    ramp=200,
     checkpoint_interval=100,
     seeds=(1, 2),
     eval_windows=0,  # every non-overlapping window of the shard
