@@ -41,7 +41,7 @@ from bench_inference import (
 from model import AdaPonderConfig, AdaPonderForCausalLM
 from model.decode import compiled_pass
 from model.inference import AdaPonderCache
-from model.modeling import decode_bytes
+from model.accounting import decode_bytes
 
 clock = time.process_time  # CPU time of this process: other processes' load inflates it far less
 

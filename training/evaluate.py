@@ -49,7 +49,7 @@ from data.config import DataConfig
 from data.dataset import SPLITS, split_range
 from data.indexed import MMapIndexedDataset, data_path, index_path
 from model import AdaPonderConfig, AdaPonderForCausalLM
-from model.modeling import active_from_passes, forward_flops
+from model.accounting import active_from_passes, forward_flops
 from training.export import load_checkpoint_model
 
 POLICIES = ("uniform", "geometric")
