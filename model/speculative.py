@@ -6,8 +6,8 @@ A pondering model carries its own draft model: its first pass. One cycle:
      passes, as for a token that halts after pass 1.
   2. Verify: the n drafted positions become the cache's current chunk again (`reopen_chunk`) and the
      packed loop (model.ponder.ponder_packed) goes on from their pass-1 outputs h^0: gate, mixture,
-     passes 2..K for the tokens that continue, all n positions in one batched call. A token the gate halts after
-     pass 1 is computed no further: its draft logits are its final logits (always accepted).
+     passes 2..K for the tokens that continue, all n positions in one batched call. A token the gate
+     halts after pass 1 is computed no further: its draft logits are its final logits (always accepted).
   3. Accept the longest prefix the full model agrees with, plus the full model's own token at the
      first disagreement, and crop the cache back to the accepted positions.
 

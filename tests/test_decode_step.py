@@ -1,4 +1,5 @@
-"""The fixed-shape decode step (model.ponder.decode_step) against the general cached forward and the dense one."""
+"""The fixed-shape decode step (model.ponder.decode_step) against the general cached forward and the
+dense one."""
 
 import pytest
 import torch
@@ -6,8 +7,8 @@ from test_inference import left_padded_batch
 from tiny_models import VOCAB, random_halting_model
 
 import model.ponder as ponder
-from model.inference import AdaPonderCache
 from model.accounting import decode_bytes
+from model.inference import AdaPonderCache
 
 # name -> (model overrides, tau): random gates around tau = 0.5 halt tokens after every pass; tau = 0
 # halts nobody (f = 0).

@@ -8,8 +8,8 @@ from tiny_models import VOCAB, random_halting_model, tiny
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from model import AdaPonderConfig, AdaPonderForCausalLM
-from model.hf_compat import gpt_neox_config
 from model.accounting import forward_flops
+from model.hf_compat import gpt_neox_config
 from model.modeling import bottom_k_gate_loss
 
 
