@@ -1,7 +1,9 @@
 """The pondering mixture e = softmax(h W_out^T) @ W_in, chunked over tokens forward and backward.
 
 No [n, V] logits or probabilities exist beyond one chunk's, with or without activation
-checkpointing. Softmax statistics and the gradient accumulators are fp32.
+checkpointing. Softmax statistics, the row sums of the softmax backward and the weight-gradient
+accumulators are fp32; every vocabulary-sized product (forward: logits, mixture; backward: the
+recomputed logits, dP, dh and the weight gradients dW_out, dW_in) runs in the weights' dtype.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ class ChunkedMixture(torch.autograd.Function):
                     dh_nD[rows] = dh_cD
                 continue
             p_cV = logits_cV.softmax(-1)
-            if need_in:  # addmm_: no [V, D] temporary per chunk
-                dw_in.addmm_(p_cV.T, de_cD.float())
+            if need_in:
+                _accumulate(dw_in, p_cV.to(de_cD.dtype).T, de_cD)
             dp_cV = (de_cD @ w_in_VD.T).float()
             # In place, with the row sums as a batched dot product: two [c, V] buffers in all.
             dp_cV -= torch.bmm(p_cV[:, None, :], dp_cV[:, :, None])[:, 0]
@@ -58,13 +60,23 @@ class ChunkedMixture(torch.autograd.Function):
             if need_h:
                 dh_nD[rows] = dlogits_cV @ w_out_VD
             if need_out:
-                dw_out.addmm_(dlogits_cV.T.float(), h_cD.float())
+                _accumulate(dw_out, dlogits_cV.T, h_cD)
         return (
             dh_nD,
             dw_out.to(w_out_VD.dtype) if need_out else None,
             dw_in.to(w_in_VD.dtype) if need_in else None,
             None,
         )
+
+
+def _accumulate(acc_VD: torch.Tensor, a_Vc: torch.Tensor, b_cD: torch.Tensor) -> None:
+    """acc += a @ b: the vocabulary-sized product in the weights' dtype (bf16 in a bf16 run, where
+    the FLOPs are), the sum across chunks in the fp32 accumulator; fp32 runs add in place (addmm_:
+    no [V, D] temporary per chunk)."""
+    if a_Vc.dtype == acc_VD.dtype:
+        acc_VD.addmm_(a_Vc, b_cD)
+    else:
+        acc_VD += a_Vc @ b_cD
 
 
 def _chunks(n: int, vocab_size: int) -> list[slice]:
