@@ -7,7 +7,6 @@ cost i + 1 passes. Everything here reads the activity masks m^i [K, B, T] a forw
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from model.config import AdaPonderConfig
 
@@ -93,7 +92,10 @@ def halting_stats(active_KBT: torch.Tensor, real_BT: torch.Tensor) -> tuple[torc
     """Passes per position [B, T], fraction of real tokens whose last pass is j [K], mean passes."""
     passes_BT = active_KBT.sum(0)
     n_real = real_BT.sum().clamp(min=1)
-    last_pass_KBT = F.one_hot(passes_BT - 1, active_KBT.shape[0]).permute(2, 0, 1).bool()
+    # One-hot of the last pass by comparison: F.one_hot checks its range on the host.
+    last_pass_KBT = (passes_BT - 1)[None] == torch.arange(active_KBT.shape[0], device=passes_BT.device)[
+        :, None, None
+    ]
     halted_K = (last_pass_KBT & real_BT).sum((1, 2)).double() / n_real
     mean = (passes_BT * real_BT).sum().double() / n_real
     return passes_BT, halted_K, mean

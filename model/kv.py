@@ -89,8 +89,20 @@ def full_layout(
     return PassLayout(b, t, past, in_place, cos, sin, mask=_visible(q_pos_BT, real_BS))
 
 
+@dataclass
+class Rows:
+    """A selection of chunk positions, with its sizes on the host (read in one transfer by
+    model.ponder.read_host, so that building its layout needs no synchronisation)."""
+
+    n: int  # tokens selected
+    num_rows: int  # R: sequences with a selected token
+    width: int  # C: most tokens selected in one sequence
+    counts_B: torch.Tensor  # [B] tokens selected per sequence (on the device)
+
+
 def packed_layout(
     flat_n: torch.Tensor,
+    rows: Rows,
     b: int,
     t: int,
     past: int,
@@ -99,22 +111,22 @@ def packed_layout(
     sin_XR: torch.Tensor,
     real_BS: torch.Tensor,
 ) -> PassLayout:
-    """Layout of the active chunk positions `flat_n` (sorted indices into B*T; may be empty)."""
-    n, device = flat_n.numel(), flat_n.device
+    """Layout of the selected chunk positions `flat_n` (sorted indices into B*T; may be empty)."""
+    n, device = rows.n, flat_n.device
     batch_n, pos_n = flat_n // t, past + flat_n % t
-    rows_R, counts_R = torch.unique_consecutive(batch_n, return_counts=True)
-    num_rows, width = rows_R.numel(), int(counts_R.max()) if n else 0
-    row_n = torch.repeat_interleave(torch.arange(num_rows, device=device), counts_R)
-    first_R = counts_R.cumsum(0) - counts_R
-    slot_n = row_n * width + torch.arange(n, device=device) - first_R[row_n]
+    has_B = rows.counts_B > 0
+    rows_R = torch.nonzero_static(has_B, size=rows.num_rows).squeeze(-1)
+    row_n = (has_B.cumsum(0) - 1)[batch_n]  # grid row of each token's sequence
+    first_B = rows.counts_B.cumsum(0) - rows.counts_B  # its sequence's first packed index
+    slot_n = row_n * rows.width + torch.arange(n, device=device) - first_B[batch_n]
     # Unused grid slots query the last position: a finite row (the sequence has a real key), discarded.
-    q_pos_X = torch.full((num_rows * width,), past + t - 1, dtype=torch.long, device=device)
+    q_pos_X = torch.full((rows.num_rows * rows.width,), past + t - 1, dtype=torch.long, device=device)
     q_pos_X[slot_n] = pos_n
-    all_rows = num_rows == b
-    mask = _visible(q_pos_X.view(num_rows, width), real_BS if all_rows else real_BS[rows_R])
+    all_rows = rows.num_rows == b
+    mask = _visible(q_pos_X.view(rows.num_rows, rows.width), real_BS if all_rows else real_BS[rows_R])
     cos_n, sin_n = cos_XR[flat_n][None, None], sin_XR[flat_n][None, None]  # [1, 1, n, R]
-    rows = None if all_rows else rows_R
-    return PassLayout(b, t, past, in_place, cos_n, sin_n, batch_n, pos_n, rows, slot_n, width, mask)
+    sel = None if all_rows else rows_R
+    return PassLayout(b, t, past, in_place, cos_n, sin_n, batch_n, pos_n, sel, slot_n, rows.width, mask)
 
 
 def _store(store_BNSH: torch.Tensor | None, new_nNH: torch.Tensor, lay: PassLayout) -> torch.Tensor:

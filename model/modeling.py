@@ -35,7 +35,7 @@ from model.config import AdaPonderConfig
 from model.generation import PonderGenerationMixin
 from model.hf_compat import config_from_checkpoint, load_checkpoint_state_dict, match_state_dict
 from model.inference import checked_cache, chunk_real
-from model.kv import AlignedKV, PassLayout, aligned_where, packed_attention
+from model.kv import AlignedKV, PassLayout, Rows, aligned_where, packed_attention
 from model.mixture import ChunkedMixture
 from model.ponder import (
     DecodeResult,
@@ -44,6 +44,7 @@ from model.ponder import (
     padding_mask,
     ponder_every_row,
     ponder_packed,
+    read_host,
 )
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -262,14 +263,21 @@ class AdaPonderOutput(ModelOutput):
     cache: Any = None
 
 
-def bottom_k_gate_loss(gates_UBT: torch.Tensor, real_BT: torch.Tensor, k: float) -> torch.Tensor:
+def bottom_k_gate_loss(
+    gates_UBT: torch.Tensor, real_BT: torch.Tensor, k: float, n_real: int | None = None
+) -> torch.Tensor:
     """Mean of the smallest fraction k of all gate values (all updates U, all real tokens).
 
     Entries of tokens that halted before an update are 0 (and carry no gradient): they fill the
     bottom first, so once a fraction k of (token, update) pairs sits below tau the loss vanishes.
+    `n_real`: the number of real tokens, if known on the host (else read here).
     """
-    values = gates_UBT[real_BT.expand_as(gates_UBT)]
-    count = int(k * values.numel())
+    n_real = int(real_BT.sum()) if n_real is None else n_real
+    if n_real == real_BT.numel():
+        values = gates_UBT.reshape(-1)
+    else:  # padding entries sort last: the bottom k never reaches them
+        values = gates_UBT.masked_fill(~real_BT, float("inf")).reshape(-1)
+    count = int(k * gates_UBT.shape[0] * n_real)
     if count == 0:
         return gates_UBT.sum() * 0.0
     return torch.topk(values, count, largest=False, sorted=False).values.mean()
@@ -363,15 +371,32 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         mixture = self.gpt_neox.embed_in(h, self.embed_out, self.config.ponder_topk)
         return mixture * self.config.embed_scale
 
-    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+    def _read_inputs(
+        self, input_ids: torch.Tensor, real_BT: torch.Tensor, exit_passes: torch.Tensor | None
+    ) -> Rows:
+        """The forward's first host read, one transfer: whether input_ids (and exit_passes) lie in
+        range, and the sizes of the real positions (the packed strategy's pass 0)."""
+        b, t = input_ids.shape
         if not input_ids.numel():
-            return
-        low, high = (int(x) for x in input_ids.aminmax())  # one host sync per forward
-        if low < 0 or high >= self.config.vocab_size:
+            return Rows(0, 0, 0, real_BT.sum(1))
+        counts_B = real_BT.sum(1)
+        ids_bad = ((input_ids < 0) | (input_ids >= self.config.vocab_size)).any()
+        exit_bad = ids_bad.new_zeros(())
+        if exit_passes is not None:
+            exit_bad = ((exit_passes < 1) | (exit_passes > self.config.num_passes)).any()
+        n, num_rows, width, bad_ids, bad_exits = read_host(
+            counts_B.sum(), (counts_B > 0).sum(), counts_B.max(), ids_bad, exit_bad
+        )
+        if bad_ids:
+            low, high = (int(x) for x in input_ids.aminmax())
             raise ValueError(
                 f"input_ids must lie in [0, vocab_size={self.config.vocab_size}); "
                 f"got values in [{low}, {high}]"
             )
+        if bad_exits:
+            low, high = (int(x) for x in exit_passes.aminmax())
+            raise ValueError(f"exit_passes must lie in [1, {self.config.num_passes}], got [{low}, {high}]")
+        return Rows(n, num_rows, width, counts_B)
 
     def forward(
         self,
@@ -401,7 +426,6 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         `output_halting=False` leaves passes, halted_fraction, mean_passes and flops unset (and the
         decode step's gates; generate() asks for none of them)."""
         cache = cache if cache is not None else kwargs.get("past_key_values")
-        self._check_input_ids(input_ids)
         if labels is not None and logits_to_keep:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
         tau, num_run = self.compute_knob(halt_threshold, max_passes)
@@ -414,7 +438,8 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         if cached:
             cache = checked_cache(cache, self.config)
             real_BT = chunk_real(attention_mask, b, t, cache.get_seq_length(), input_ids.device)
-            if fast_decode and decode_applies(self, cache, real_BT, labels, exit_passes):
+            rows = self._read_inputs(input_ids, real_BT, exit_passes)
+            if fast_decode and decode_applies(self, cache, t, rows.n == b * t, labels, exit_passes):
                 return self.decode_output(
                     input_ids, position_ids, cache, tau, num_run, use_cache, output_halting
                 )
@@ -422,31 +447,39 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
             with torch.no_grad():  # the cache is written in place: inference only
                 past_real_B, real_BS = cache.begin_chunk(real_BT, self.dtype)
                 result = self.ponder_chunk(
-                    input_ids, real_BT, position_ids, cache, real_BS, exit_passes, tau, num_run
+                    input_ids, real_BT, position_ids, cache, real_BS, exit_passes, tau, num_run, rows=rows
                 )
                 cache.end_chunk(result.active, real_BT)
             h_out_BTD, active_KBT, gates_UBT = result.h_out, result.active, result.gates
         else:
             position_ids = self._position_ids(position_ids, b, t, 0, input_ids.device)
             real_BT = chunk_real(attention_mask, b, t, 0, input_ids.device)
+            rows = self._read_inputs(input_ids, real_BT, exit_passes)
             if sparse:
                 kv = AlignedKV(self.config.num_hidden_layers)
                 result = self.ponder_chunk(
-                    input_ids, real_BT, position_ids, kv, real_BT, exit_passes, tau, num_run
+                    input_ids, real_BT, position_ids, kv, real_BT, exit_passes, tau, num_run, rows=rows
                 )
                 h_out_BTD, active_KBT, gates_UBT = result.h_out, result.active, result.gates
             else:
                 cfg = self.config
                 cos, sin = rotary_cos_sin(position_ids, cfg.rotary_ndims, cfg.rotary_emb_base, self.dtype)
                 h_out_BTD, active_KBT, gates_UBT = ponder_every_row(
-                    self, input_ids, cos, sin, padding_mask(attention_mask), exit_passes, tau, num_run
+                    self,
+                    input_ids,
+                    cos,
+                    sin,
+                    padding_mask(attention_mask, rows.n == b * t),
+                    exit_passes,
+                    tau,
+                    num_run,
                 )
         # generate() asks for the last position only (logits_to_keep=1): no head for the others.
         logits_BTV = self.embed_out(h_out_BTD[:, -logits_to_keep:] if logits_to_keep else h_out_BTD)
         returns_cache = cached and use_cache is not False
         out = AdaPonderOutput(logits=logits_BTV, gates=gates_UBT, cache=cache if returns_cache else None)
         if labels is not None:
-            self._add_losses(out, labels, shift_labels, real_BT, ponder_lambda, ponder_k)
+            self._add_losses(out, labels, shift_labels, real_BT, ponder_lambda, ponder_k, rows.n)
         if output_halting:
             with torch.no_grad():
                 out.passes, out.halted_fraction, out.mean_passes = halting_stats(active_KBT, real_BT)
@@ -493,9 +526,11 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         tau: float,
         num_run: int,
         pass0_h_BTD: torch.Tensor | None = None,
+        rows: Rows | None = None,
     ):
         """The packed strategy (model.ponder.ponder_packed) on this call's tokens, after
-        `real_BS.shape[1] - T` cached ones in the K/V store `kv`."""
+        `real_BS.shape[1] - T` cached ones in the K/V store `kv`; `rows`: the real positions' sizes
+        if read already (model.ponder.read_host)."""
         cfg = self.config
         cos, sin = rotary_cos_sin(position_ids_BT, cfg.rotary_ndims, cfg.rotary_emb_base, self.dtype)
         past = real_BS.shape[1] - input_ids_BT.shape[1]
@@ -516,6 +551,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
             exit_passes_BT,
             uniform,
             pass0_h_BTD,
+            rows,
         )
 
     def compute_knob(self, halt_threshold: float | None, max_passes: int | None) -> tuple[float, int]:
@@ -549,9 +585,6 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
             raise ValueError(
                 f"exit_passes has shape {tuple(exit_passes.shape)}, input_ids {tuple(input_ids.shape)}"
             )
-        low, high = (int(x) for x in exit_passes.aminmax())
-        if low < 1 or high > self.config.num_passes:
-            raise ValueError(f"exit_passes must lie in [1, {self.config.num_passes}], got [{low}, {high}]")
 
     def _add_losses(
         self,
@@ -561,8 +594,10 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         real_BT: torch.Tensor,
         ponder_lambda: float,
         ponder_k: float,
+        n_real: int,
     ) -> None:
-        """Cross-entropy (fp32) plus lambda * bottom-k gate loss, and per-position NLL."""
+        """Cross-entropy (fp32) plus lambda * bottom-k gate loss, and per-position NLL; `n_real`
+        real tokens."""
         logits_BTV = out.logits
         if shift_labels:
             labels_BT = F.pad(labels_BT[:, 1:], (0, 1), value=-100)
@@ -577,7 +612,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         out.token_nll = nll_BT.detach()
         out.lm_loss = nll_BT.sum() / out.loss_mask.sum().clamp(min=1)
         if out.gates is not None:
-            out.ponder_loss = bottom_k_gate_loss(out.gates, real_BT, ponder_k)
+            out.ponder_loss = bottom_k_gate_loss(out.gates, real_BT, ponder_k, n_real)
         else:
             out.ponder_loss = torch.zeros((), device=logits_BTV.device)
         out.loss = out.lm_loss + ponder_lambda * out.ponder_loss

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from model.inference import AdaPonderCache
-from model.kv import KVStore, PassLayout, full_layout, packed_layout
+from model.kv import KVStore, PassLayout, Rows, full_layout, packed_layout
 
 # --------------------------------------------------------------------------------------------------
 # The rule.
@@ -76,6 +76,21 @@ def next_input(
 
 def adaptive_gates(config: Any) -> bool:
     return config.adaptive and config.num_passes > 1
+
+
+def read_host(*scalars: torch.Tensor) -> list[int]:
+    """The engine's synchronisation point: integer scalars on the device, read in one
+    device-to-host copy. A packed forward makes one before pass 0 (model.modeling) and one after
+    each gate (how many tokens go on, over how many sequences, at most how many in one)."""
+    return torch.stack([x.reshape(()).long() for x in scalars]).to("cpu", copy=True).tolist()
+
+
+def selected_rows(keep_n: torch.Tensor, batch_n: torch.Tensor, batch_size: int) -> Rows:
+    """The rows `keep_n` selects among tokens of sequences `batch_n`, sizes read in one transfer."""
+    counts_B = torch.zeros(batch_size, dtype=torch.long, device=keep_n.device)
+    counts_B.index_add_(0, batch_n, keep_n.long())
+    n, num_rows, width = read_host(counts_B.sum(), (counts_B > 0).sum(), counts_B.max())
+    return Rows(n, num_rows, width, counts_B)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,12 +141,12 @@ def ponder_every_row(
     return h_out_BTD, torch.stack(actives), torch.stack(gates) if gates else None
 
 
-def padding_mask(attention_mask_BT: torch.Tensor | None) -> torch.Tensor | None:
+def padding_mask(attention_mask_BT: torch.Tensor | None, all_real: bool) -> torch.Tensor | None:
     """[B, 1, T, T] bool: causal, keys restricted to real tokens; None when nothing is padded.
 
     Every query may see itself, so a padding query at the left edge has a finite (unused) row.
     """
-    if attention_mask_BT is None or bool(attention_mask_BT.all()):
+    if attention_mask_BT is None or all_real:
         return None
     t = attention_mask_BT.shape[-1]
     causal_TT = torch.ones(t, t, dtype=torch.bool, device=attention_mask_BT.device).tril()
@@ -164,6 +179,7 @@ def ponder_packed(
     exit_passes_BT: torch.Tensor | None = None,
     uniform_calls: bool = False,
     pass0_h_BTD: torch.Tensor | None = None,
+    real_rows: Rows | None = None,
 ) -> PonderResult:
     """The pondering loop of SPEC.md section 1 on active tokens only.
 
@@ -173,25 +189,27 @@ def ponder_packed(
     after pass `num_run`. Without `uniform_calls` a pass with no active token is skipped.
     With `pass0_h_BTD` pass 0 already ran for this chunk (a self-speculative draft: its K/V are in
     the store, carried into every pass) and these are its outputs h^0: the loop goes on from them.
+    `real_rows`: the real positions' sizes, if the caller read them already (else one read here).
     """
     cfg = model.config
     b, t = input_ids_BT.shape
     device = input_ids_BT.device
-    chunk_all_real = bool(real_BT.all())
-    keys_all_real = chunk_all_real and bool(real_BS.all())
+    rows = real_rows or selected_rows(real_BT.reshape(-1), torch.arange(b * t, device=device) // t, b)
+    n_real = rows.n
+    chunk_all_real = n_real == b * t
+    keys_all_real = chunk_all_real and (real_BS is real_BT or bool(real_BS.all()))
     cos_XR, sin_XR = cos[:, 0].reshape(b * t, -1), sin[:, 0].reshape(b * t, -1)
     ids_X = input_ids_BT.reshape(-1)
     exit_X = exit_passes_BT.reshape(-1) if exit_passes_BT is not None else None
     # Active chunk positions (indices into B*T), None while that is all of them; padding never runs.
-    flat_n = None if chunk_all_real else real_BT.reshape(-1).nonzero().squeeze(-1)
-    n_real = b * t if flat_n is None else flat_n.numel()
+    flat_n = None if chunk_all_real else torch.nonzero_static(real_BT.reshape(-1), size=n_real).squeeze(-1)
     e_nD = first_input(model, ids_X if flat_n is None else ids_X[flat_n])
     h_out_XD = e_nD.new_zeros(b * t, cfg.hidden_size)
     active_KX = torch.zeros(cfg.num_passes, b * t, dtype=torch.bool, device=device)
     active_KX[0] = True  # padding counts as running pass 0 only
     gates = []
     for i in range(cfg.num_passes):
-        n = 0 if i >= num_run else b * t if flat_n is None else flat_n.numel()
+        n = 0 if i >= num_run else b * t if flat_n is None else rows.n
         if i > 0 and n < n_real:
             kv.carry_forward(i)
         if i >= num_run or (n == 0 and not uniform_calls):
@@ -200,7 +218,7 @@ def ponder_packed(
             lay = full_layout(b, t, past, kv.in_place, cos, sin, real_BS, keys_all_real)
             active_KX[i] = True
         else:
-            lay = packed_layout(flat_n, b, t, past, kv.in_place, cos_XR, sin_XR, real_BS)
+            lay = packed_layout(flat_n, rows, b, t, past, kv.in_place, cos_XR, sin_XR, real_BS)
             active_KX[i, flat_n] = True
         if i == 0 and pass0_h_BTD is not None:
             h_nD = pass0_h_BTD.reshape(b * t, -1)
@@ -210,7 +228,7 @@ def ponder_packed(
         # Overwritten each pass: ends as the last active pass's output.
         h_out_XD = h_nD if flat_n is None else h_out_XD.index_put((flat_n,), h_nD)
         if i < num_run - 1:
-            e_nD, flat_n, gate_X = _ponder_step(model, i, h_nD, e_nD, flat_n, b * t, tau, exit_X)
+            e_nD, flat_n, rows, gate_X = _ponder_step(model, i, h_nD, e_nD, flat_n, rows, b, t, tau, exit_X)
             gates.append(gate_X)
     has_gates = adaptive_gates(cfg)
     if has_gates:
@@ -239,24 +257,28 @@ def _ponder_step(
     h_nD: torch.Tensor,
     e_nD: torch.Tensor,
     flat_n: torch.Tensor | None,
-    num_positions: int,
+    rows: Rows,
+    b: int,
+    t: int,
     tau: float,
     exit_X: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, Rows, torch.Tensor | None]:
     """Gate, halt and update on the packed rows: E^{i+1} of the tokens that go on to the next pass,
-    their chunk indices (None: every chunk position) and s^i [X] (0 where not computed). Head +
-    mixture run only for the tokens that go on."""
+    their chunk indices (None: every chunk position), their sizes and s^i [X] (0 where not
+    computed). Head + mixture run only for the tokens that go on. One host read (their sizes)."""
     if not model.config.adaptive:
-        return next_input(e_nD, model.ponder_embedding(h_nD), None), flat_n, None
+        return next_input(e_nD, model.ponder_embedding(h_nD), None), flat_n, rows, None
     s_n = gate(model, pass_idx, h_nD)
-    gate_X = s_n if flat_n is None else s_n.new_zeros(num_positions).index_put((flat_n,), s_n)
+    gate_X = s_n if flat_n is None else s_n.new_zeros(b * t).index_put((flat_n,), s_n)
     exit_n = None if exit_X is None else exit_X if flat_n is None else exit_X[flat_n]
     keep_n = continues(s_n, tau, pass_idx, exit_n)
-    if not bool(keep_n.all()):  # the halted rows leave the packed matrix: m^{i+1} = 1 for the rest
-        idx = keep_n.nonzero().squeeze(-1)
+    batch_n = (torch.arange(b * t, device=keep_n.device) if flat_n is None else flat_n) // t
+    kept = selected_rows(keep_n, batch_n, b)
+    if kept.n < keep_n.numel():  # the halted rows leave the packed matrix: m^{i+1} = 1 for the rest
+        idx = torch.nonzero_static(keep_n, size=kept.n).squeeze(-1)
         h_nD, e_nD, s_n = h_nD[idx], e_nD[idx], s_n[idx]
         flat_n = idx if flat_n is None else flat_n[idx]
-    return next_input(e_nD, model.ponder_embedding(h_nD), s_n), flat_n, gate_X
+    return next_input(e_nD, model.ponder_embedding(h_nD), s_n), flat_n, kept, gate_X
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,18 +293,16 @@ class DecodeResult:
 
 
 def decode_applies(
-    model: Any, cache: AdaPonderCache, real_BT: torch.Tensor, labels: Any, exit_passes: Any
+    model: Any, cache: AdaPonderCache, chunk_len: int, all_real: bool, labels: Any, exit_passes: Any
 ) -> bool:
-    """Whether a cached call (inference: no gradients either way) runs `decode_step`: one real new
-    token per sequence (`real_BT` [B, T]) after a prefill, not every rank calling every module (a
-    rank's step must not end at its own halt), no labels or fixed exit passes."""
-    if real_BT.shape[1] != 1 or cache.get_seq_length() == 0 or labels is not None:
+    """Whether a cached call (inference: no gradients either way) runs `decode_step`: one new token
+    per sequence (`chunk_len` 1), all real (`all_real`, read on the host with the call's input
+    check: generate() feeds real tokens only; the packed strategy handles padding), after a
+    prefill, not every rank calling every module (a rank's step must not end at its own halt), no
+    labels or fixed exit passes."""
+    if chunk_len != 1 or not all_real or cache.get_seq_length() == 0 or labels is not None:
         return False
-    if exit_passes is not None or model.every_rank_calls_every_module:
-        return False
-    # One host read of a [B] flag column: generate() feeds real tokens only (the packed strategy
-    # handles a padding token, which is never computed).
-    return bool(real_BT.all())
+    return exit_passes is None and not model.every_rank_calls_every_module
 
 
 @torch.no_grad()
@@ -337,7 +357,7 @@ def decode_step(
         if active_B is not None:
             active_B = active_B & keep_B
         # The one host read per pass: whether any row goes on.
-        if not bool(keep_B[0] if active_B is None else active_B.any()):
+        if not read_host(keep_B[0] if active_B is None else active_B.any())[0]:
             break
         e_BD = next_input(e_BD, model.ponder_embedding(h_BD), s_B, active_B)
     if last < cfg.num_passes - 1:  # passes not run: the position keeps its last pass's K/V

@@ -242,8 +242,7 @@ def _draft(model: Any, ids_B1: torch.Tensor, cache: AdaPonderCache, tau: float) 
     """Pass 1 of one new token per sequence, cached as for a token that halts after it; its output
     h^0 [B, 1, D]. Through the decode step (model.ponder.decode_step) where it applies, else the
     general path."""
-    real_B1 = torch.ones_like(ids_B1, dtype=torch.bool)
-    if not decode_applies(model, cache, real_B1, None, None):
+    if not decode_applies(model, cache, 1, True, None, None):
         return _cached_call(model, ids_B1, cache, tau, 1).h_out
     position_ids_B1 = cache.real.sum(-1)[:, None]  # real tokens before it (left padding excluded)
     return model.decode(ids_B1, position_ids_B1, cache, tau, 1).h_out
