@@ -440,9 +440,7 @@ class Trainer:
         with torch.no_grad():
             for tokens_BT1 in build_dataloader(valid, sampler, num_workers=0):
                 tokens_BT1 = tokens_BT1.to(self.device)
-                out = self.engine(
-                    input_ids=tokens_BT1[:, :-1], labels=tokens_BT1[:, 1:], shift_labels=False, dense=True
-                )
+                out = self.engine(input_ids=tokens_BT1[:, :-1], labels=tokens_BT1[:, 1:], shift_labels=False)
                 meter.add_micro_batch(out)
         self.engine.train()
         self._last_eval = meter.reduce()
