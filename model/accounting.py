@@ -1,7 +1,7 @@
 """Compute accounting: forward FLOPs, decode bytes and halting statistics of a batch, by part.
 
-The unit of SPEC section 1: one vanilla backbone pass over one token; a token that halted after pass i
-cost i + 1 passes. Everything here reads the activity masks m^i [K, B, T] a forward returns.
+The unit is one vanilla backbone pass over one token; a token that halted after pass i cost i + 1
+passes. Everything here reads the activity masks m^i [K, B, T] a forward returns.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ References:
   1) PonderLM, arXiv 2505.20674: re-run the whole stack on inputs refined by the probability-weighted
      mixture of the input embedding table.
   2) AdaPonderLM, arXiv 2603.01914: per-update MLP gates, monotonic hard halting, KV alignment.
-  3) ../shared/SPEC.md section 1, which fixes the choices the papers leave open.
 
 This file is the model: the backbone, the gates, the losses and the forward's dispatch. The pondering
 loop and its execution strategies are model/ponder.py (K/V addressing: model/kv.py), the chunked

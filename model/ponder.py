@@ -1,6 +1,6 @@
 """The pondering engine: the rule of AdaPonderLM written once, and the strategies that execute it.
 
-The rule (one pondering update after pass i; SPEC section 1):
+The rule (one pondering update after pass i; the AdaPonderLM paper, arXiv 2603.01914):
 
     E^0     = embed_in(x) * embed_scale * base_mult                      `first_input`
     s^i     = sigmoid(MLP_i(h^i))              fp32                       `gate`
@@ -181,7 +181,7 @@ def ponder_packed(
     pass0_h_BTD: torch.Tensor | None = None,
     real_rows: Rows | None = None,
 ) -> PonderResult:
-    """The pondering loop of SPEC.md section 1 on active tokens only.
+    """The pondering loop on active tokens only.
 
     `model` is an AdaPonderForCausalLM. `cos`/`sin` [B, 1, T, R] are the chunk's rotary tables;
     `real_BS` flags the real positions of the store (the `past` cached ones, then the chunk's).

@@ -37,7 +37,9 @@ class SyncCounter(TorchDispatchMode):
         name = func._overloadpacket.__name__
         if name in _SYNCING:
             self.ops[name] += 1
-        elif name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and "output_size" not in kwargs:
+        elif (
+            name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and "output_size" not in kwargs
+        ):
             self.ops[name] += 1
         elif name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
             self.ops["index (boolean)"] += 1
