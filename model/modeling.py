@@ -40,10 +40,10 @@ from model.ponder import (
     DecodeResult,
     decode_applies,
     decode_step,
+    first_read,
     padding_mask,
     ponder_every_row,
     ponder_packed,
-    read_host,
 )
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -370,33 +370,6 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         mixture = self.gpt_neox.embed_in(h, self.embed_out, self.config.ponder_topk)
         return mixture * self.config.embed_scale
 
-    def _read_inputs(
-        self, input_ids: torch.Tensor, real_BT: torch.Tensor, exit_passes: torch.Tensor | None
-    ) -> Rows:
-        """The forward's first host read, one transfer: whether input_ids (and exit_passes) lie in
-        range, and the sizes of the real positions (the packed strategy's pass 0)."""
-        b, t = input_ids.shape
-        if not input_ids.numel():
-            return Rows(0, 0, 0, real_BT.sum(1))
-        counts_B = real_BT.sum(1)
-        ids_bad = ((input_ids < 0) | (input_ids >= self.config.vocab_size)).any()
-        exit_bad = ids_bad.new_zeros(())
-        if exit_passes is not None:
-            exit_bad = ((exit_passes < 1) | (exit_passes > self.config.num_passes)).any()
-        n, num_rows, width, bad_ids, bad_exits = read_host(
-            counts_B.sum(), (counts_B > 0).sum(), counts_B.max(), ids_bad, exit_bad
-        )
-        if bad_ids:
-            low, high = (int(x) for x in input_ids.aminmax())
-            raise ValueError(
-                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}); "
-                f"got values in [{low}, {high}]"
-            )
-        if bad_exits:
-            low, high = (int(x) for x in exit_passes.aminmax())
-            raise ValueError(f"exit_passes must lie in [1, {self.config.num_passes}], got [{low}, {high}]")
-        return Rows(n, num_rows, width, counts_B)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -437,7 +410,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         if cached:
             cache = checked_cache(cache, self.config)
             real_BT = chunk_real(attention_mask, b, t, cache.get_seq_length(), input_ids.device)
-            rows = self._read_inputs(input_ids, real_BT, exit_passes)
+            rows = first_read(self, input_ids, real_BT, exit_passes)
             if fast_decode and decode_applies(self, cache, t, rows.n == b * t, labels, exit_passes):
                 return self.decode_output(
                     input_ids, position_ids, cache, tau, num_run, use_cache, output_halting
@@ -453,7 +426,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         else:
             position_ids = self._position_ids(position_ids, b, t, 0, input_ids.device)
             real_BT = chunk_real(attention_mask, b, t, 0, input_ids.device)
-            rows = self._read_inputs(input_ids, real_BT, exit_passes)
+            rows = first_read(self, input_ids, real_BT, exit_passes)
             if sparse:
                 kv = AlignedKV(self.config.num_hidden_layers)
                 result = self.ponder_chunk(
@@ -536,22 +509,8 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         # With gradients every pass runs too (a [0, D] batch when nobody is left): every parameter
         # then gets a gradient, zero where no token used it, as in the every-row strategy.
         uniform = self.every_rank_calls_every_module or torch.is_grad_enabled()
-        return ponder_packed(
-            self,
-            input_ids_BT,
-            real_BT,
-            cos,
-            sin,
-            kv,
-            past,
-            real_BS,
-            tau,
-            num_run,
-            exit_passes_BT,
-            uniform,
-            pass0_h_BTD,
-            rows,
-        )
+        args = (input_ids_BT, real_BT, cos, sin, kv, past, real_BS, tau, num_run, exit_passes_BT)
+        return ponder_packed(self, *args, uniform, pass0_h_BTD, rows)
 
     def compute_knob(self, halt_threshold: float | None, max_passes: int | None) -> tuple[float, int]:
         """tau and the passes to run at most, from the call's arguments or else the config."""

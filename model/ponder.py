@@ -80,9 +80,35 @@ def adaptive_gates(config: Any) -> bool:
 
 def read_host(*scalars: torch.Tensor) -> list[int]:
     """The engine's synchronisation point: integer scalars on the device, read in one
-    device-to-host copy. A packed forward makes one before pass 0 (model.modeling) and one after
+    device-to-host copy. A packed forward makes one before pass 0 (`first_read`) and one after
     each gate (how many tokens go on, over how many sequences, at most how many in one)."""
     return torch.stack([x.reshape(()).long() for x in scalars]).to("cpu", copy=True).tolist()
+
+
+def first_read(
+    model: Any, input_ids: torch.Tensor, real_BT: torch.Tensor, exit_passes: torch.Tensor | None
+) -> Rows:
+    """The forward's first host read, one transfer: whether input_ids (and exit_passes) lie in
+    range, and the sizes of the real positions (the packed strategy's pass 0)."""
+    if not input_ids.numel():
+        return Rows(0, 0, 0, real_BT.sum(1))
+    counts_B = real_BT.sum(1)
+    ids_bad = ((input_ids < 0) | (input_ids >= model.config.vocab_size)).any()
+    exit_bad = ids_bad.new_zeros(())
+    if exit_passes is not None:
+        exit_bad = ((exit_passes < 1) | (exit_passes > model.config.num_passes)).any()
+    n, num_rows, width, bad_ids, bad_exits = read_host(
+        counts_B.sum(), (counts_B > 0).sum(), counts_B.max(), ids_bad, exit_bad
+    )
+    if bad_ids:
+        low, high = (int(x) for x in input_ids.aminmax())
+        raise ValueError(
+            f"input_ids must lie in [0, vocab_size={model.config.vocab_size}); got values in [{low}, {high}]"
+        )
+    if bad_exits:
+        low, high = (int(x) for x in exit_passes.aminmax())
+        raise ValueError(f"exit_passes must lie in [1, {model.config.num_passes}], got [{low}, {high}]")
+    return Rows(n, num_rows, width, counts_B)
 
 
 def selected_rows(keep_n: torch.Tensor, batch_n: torch.Tensor, batch_size: int) -> Rows:
