@@ -2,21 +2,19 @@
 
 A decode step reads every weight it uses once (K backbones, a gate per continuing pass, the head
 and the embedding table per mixture, the head for the logits) plus the cached K/V; the bound is
-those bytes (`model.modeling.decode_bytes`, from the passes each token ran) over the read bandwidth
+those bytes (`model.accounting.decode_bytes`, from the passes each token ran) over the read bandwidth
 the script measures itself, on the same thread count: the median over reps of the faster of a
 `sum` and a matrix-vector product (`mv`) over a buffer larger than the last-level cache.
 
 Configurations, each side by side in one run (decode steps interleaved, median over reps):
   - K = 1: `transformers.GPTNeoXForCausalLM` (DynamicCache) and ours (same weights), through the
     general cached forward (old path: `fast_decode=False`, with the per-call statistics) and the
-    decode step (model/decode.py, without statistics, as generate() calls it), eager and with
-    `compile_decode()`.
+    decode step (model.ponder.decode_step, without statistics, as generate() calls it).
   - K = 4 (gate 0 random, the later gates open; tau at the f-quantile of gate 0 on the measured
-    tokens, as benchmarks/bench_inference.py): f = 0 and f = 0.5, old path / decode step eager /
-    compiled.
+    tokens, as benchmarks/bench_inference.py): f = 0 and f = 0.5, old path / decode step.
 
     python benchmarks/bench_decode_bound.py --threads 1 --reps 3
-    python benchmarks/bench_decode_bound.py --no-compile --profile   # + torch.profiler per-op table
+    python benchmarks/bench_decode_bound.py --profile   # + torch.profiler per-op table
 """
 
 from __future__ import annotations
@@ -39,9 +37,8 @@ from bench_inference import (
 )
 
 from model import AdaPonderConfig, AdaPonderForCausalLM
-from model.decode import compiled_pass
+from model.accounting import decode_bytes
 from model.inference import AdaPonderCache
-from model.modeling import decode_bytes
 
 clock = time.process_time  # CPU time of this process: other processes' load inflates it far less
 
@@ -66,7 +63,6 @@ def ours_decoder(
     prompt: int,
     tau: float,
     path: str,
-    pass_fn: object,
     caches: dict[str, AdaPonderCache],
     name: str,
 ) -> Callable[[], Stepper]:
@@ -76,13 +72,11 @@ def ours_decoder(
     kwargs.update(fast_decode=False) if path == "old" else kwargs.update(output_halting=False)
 
     def start() -> Stepper:
-        model.decode_pass = pass_fn
         cache = AdaPonderCache(model.config, max_length=ids_BT.shape[1])
         model(ids_BT[:, :prompt], cache=cache, halt_threshold=tau, logits_to_keep=1)
         caches[name] = cache
 
         def step(t: int) -> None:
-            model.decode_pass = pass_fn  # the configurations share the model
             model(ids_BT[:, t : t + 1], cache=cache, **kwargs)
 
         return step
@@ -114,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=16, help="decode steps per rep")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--buffer-mib", type=int, default=1024, help="bandwidth buffer (above the L3)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
     parser.add_argument("--profile", action="store_true", help="per-op profile of the eager decode steps")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
@@ -131,24 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.randint(0, vocab, (1, total), generator=torch.Generator().manual_seed(1))
     s_decode = first_gate_values(model_k4, ids)[:, args.prompt :]
     taus = {f: threshold_for(s_decode, f) for f in (0.0, 0.5)}
-    compiled = None if args.no_compile else compiled_pass()
-    paths = [("old", None), ("new eager", None)] + ([] if compiled is None else [("new compiled", compiled)])
+    paths = ["old", "new"]
 
     caches: dict[str, AdaPonderCache] = {}
     starts: dict[str, Callable[[], Stepper]] = {"K=1 transformers": hf_decoder(hf, ids, args.prompt)}
-    for path, fn in paths:
+    for path in paths:
         name = f"K=1 ours {path}"
-        starts[name] = ours_decoder(ours_k1, ids, args.prompt, 0.0, path.split()[0], fn, caches, name)
+        starts[name] = ours_decoder(ours_k1, ids, args.prompt, 0.0, path, caches, name)
     for f, tau in taus.items():
-        for path, fn in paths:
+        for path in paths:
             name = f"K=4 f={f} {path}"
-            starts[name] = ours_decoder(model_k4, ids, args.prompt, tau, path.split()[0], fn, caches, name)
+            starts[name] = ours_decoder(model_k4, ids, args.prompt, tau, path, caches, name)
 
     buffer = torch.ones(args.buffer_mib * 2**20 // 4)
     bandwidth = [read_bandwidth(buffer)]
     steps = range(args.prompt, total)
     per_rep: dict[str, list[float]] = {name: [] for name in starts}
-    for rep in range(args.reps + 1):  # rep 0 warms up (and compiles)
+    for rep in range(args.reps + 1):  # rep 0 warms up
         times = lockstep(starts, steps, 1, warm_up=False)
         bandwidth.append(read_bandwidth(buffer))
         if rep:
@@ -177,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = (ours_k1 if name.startswith("K=1") else model_k4).config
             passes, nbytes = bytes_per_token(config, caches[name], args.prompt)
-        group = name.rsplit(" ", 1)[0].removesuffix(" new").removesuffix(" ours")
+        group = name.rsplit(" ", 1)[0].removesuffix(" ours")
         if name.endswith(" old"):
             old_ms[group] = ms
         achieved = nbytes / (ms / 1e3) / 1e9
@@ -186,42 +178,25 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {passes:.2f} | {ms:.2f} | {nbytes / 1e6:.0f} | {achieved:.1f} | "
             f"{achieved / gbs:.2f} | {vs_old} |"
         )
-    hf_ms, new_ms = (statistics.median(per_rep[n]) for n in ("K=1 transformers", "K=1 ours new eager"))
-    print(f"\nK = 1, decode step (eager) / transformers: {new_ms / hf_ms:.2f} of its time per token")
-    if compiled is not None:
-        print(
-            "compiled against eager decode step, max |logits difference|: "
-            f"{compiled_gap(model_k4, ids, compiled):.1e}"
-        )
+    hf_ms, new_ms = (statistics.median(per_rep[n]) for n in ("K=1 transformers", "K=1 ours new"))
+    print(f"\nK = 1, decode step / transformers: {new_ms / hf_ms:.2f} of its time per token")
     if args.profile:
         profile(ours_k1, model_k4, ids, args.prompt, taus)
     return 0
 
 
-def compiled_gap(model: AdaPonderForCausalLM, ids_BT: torch.Tensor, pass_fn: object) -> float:
-    """Largest logits difference between the compiled and the eager decode step over a few steps."""
-    logits = []
-    for fn in (None, pass_fn):
-        model.decode_pass = fn
-        cache = AdaPonderCache(model.config, max_length=ids_BT.shape[1])
-        model(ids_BT[:, :16], cache=cache)
-        logits.append(torch.cat([model(ids_BT[:, t : t + 1], cache=cache).logits for t in range(16, 24)], 1))
-    return float((logits[0] - logits[1]).abs().max())
-
-
 def profile(ours_k1, model_k4, ids, prompt, taus) -> None:
-    """Per-op self CPU time of eager decode steps (the new path), per configuration."""
+    """Per-op self CPU time of decode steps (the new path), per configuration."""
     from torch.profiler import profile as torch_profile
 
     for name, model, tau in (("K=1", ours_k1, 0.0), ("K=4 f=0", model_k4, taus[0.0])):
-        model.decode_pass = None
         cache = AdaPonderCache(model.config, max_length=ids.shape[1])
         model(ids[:, :prompt], cache=cache, halt_threshold=tau)
         steps = range(prompt, min(prompt + 8, ids.shape[1]))
         with torch_profile() as prof:
             for t in steps:
                 model(ids[:, t : t + 1], cache=cache, halt_threshold=tau, output_halting=False)
-        print(f"\n{name}, decode step (eager), {len(steps)} steps, self CPU time per op:")
+        print(f"\n{name}, decode step, {len(steps)} steps, self CPU time per op:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

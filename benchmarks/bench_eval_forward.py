@@ -3,7 +3,7 @@
 What `lm-eval` (and `adaponder-eval --tasks`) calls: `model(inps).logits` in eval mode under
 `no_grad`, on a batch of scored continuations right-padded to the longest, without an attention
 mask. The default eval forward (sparse: each pass runs only the still-active tokens, two passes'
-K/V alive: model.sparse.AlignedKV) is timed against the dense forward (`dense=True`: every token in every
+K/V alive: model.kv.AlignedKV) is timed against the dense forward (`dense=True`: every token in every
 pass, whatever tau is), side by side (calls interleaved rep by rep, medians), on a
 pythia-70m-shaped model with random weights (fp32, CPU). Gate 0 is random and tau is set to its
 f-quantile over the batch, so a fraction f of the positions halts after pass 1 and the rest run

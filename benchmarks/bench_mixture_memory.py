@@ -7,7 +7,7 @@ dense training step, each case in a fresh process. "before" is the mixture as it
 change (commit e4aeeda): softmax(embed_out(h)) @ W_in through plain autograd, so each of the K - 1
 mixtures keeps its fp32 [B, T, V] logits and probabilities for backward (under activation
 checkpointing the mixture was recomputed in backward, one pass's [B, T, V] at a time). "after" is
-model.modeling._ChunkedMixture: chunks of MIXTURE_CHUNK_BYTES, nothing vocabulary-sized kept.
+model.mixture.ChunkedMixture: chunks of MIXTURE_CHUNK_BYTES, nothing vocabulary-sized kept.
 
 Columns: bytes autograd saves for backward (parameters excluded; exact), and the step's peak RSS
 above the RSS before it (ru_maxrss; includes the gradients, 280 MB, and allocator slack).

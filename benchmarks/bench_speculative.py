@@ -104,8 +104,8 @@ def batched(prompts: list[torch.Tensor], size: int) -> list[torch.Tensor]:
 
 @contextmanager
 def drafts_through(general: bool) -> Iterator[None]:
-    """With `general`, drafts run through the general cached path (model/sparse.py) rather than the
-    decode step (model/decode.py): the same tokens, to show what the decode step gains."""
+    """With `general`, drafts run through the general cached path (model.ponder.ponder_packed) rather than the
+    decode step (model.ponder.decode_step): the same tokens, to show what the decode step gains."""
     original = speculative._draft
     if general:
         speculative._draft = lambda model, ids, cache, tau: (
@@ -182,7 +182,7 @@ def _speculate(model, ids, n, new_tokens):
     cache = AdaPonderCache(model.config, ids.shape[1] + new_tokens)
     out = model(ids, cache=cache, logits_to_keep=1)
     stopping = StoppingCriteriaList([MaxLengthCriteria(ids.shape[1] + new_tokens)])
-    tau, num_run = model._compute_knob(None, None)
+    tau, num_run = model.compute_knob(None, None)
     _, stats = speculative_loop(
         model, ids, cache, out.logits[:, -1], n, LogitsProcessorList(), stopping, False, None, tau, num_run
     )

@@ -105,7 +105,7 @@ def worker(args: argparse.Namespace) -> None:
 
     import torch
 
-    from model.modeling import forward_flops
+    from model.accounting import forward_flops
     from training import distributed as dist
     from training import engine as ds
     from training.config import plan_batches, read_config

@@ -158,7 +158,7 @@ def dense_flops_per_token(scale: Scale, **model: Any) -> float:
     import torch
 
     from model import AdaPonderConfig
-    from model.modeling import forward_flops
+    from model.accounting import forward_flops
 
     config = AdaPonderConfig.from_preset("tiny", vocab_size=scale.vocab_size, **{**scale.model, **model})
     active_KBT = torch.ones(config.num_passes, 1, scale.seq_len, dtype=torch.bool)

@@ -1,4 +1,4 @@
-"""The per-pass KV cache of adaptive inference (prefill and decode); the loop is model/sparse.py.
+"""The per-pass KV cache of adaptive inference (prefill and decode); the loop is model/ponder.py.
 
 A call with a cache appends T new positions: queries attend over all cached positions of their
 pass, and a token that halts is never computed again while the cache holds its last active pass's
@@ -43,7 +43,7 @@ class AdaPonderCache:
     is_compileable = False
     is_croppable = True
 
-    in_place = True  # model.sparse.KVStore: passes write their K/V into their slots
+    in_place = True  # model.kv.KVStore: passes write their K/V into their slots
 
     def __init__(self, config: AdaPonderConfig, max_length: int | None = None) -> None:
         if max_length is not None and max_length < 1:
@@ -174,7 +174,7 @@ class AdaPonderCache:
         return past_real_B, self._real_BC[:, : past + t]
 
     def open_step(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Make room for one real new position per sequence (model/decode.py's step); returns the
+        """Make room for one real new position per sequence (model.ponder.decode_step); returns the
         real flags of every position then held [B, S]. No host sync."""
         past = self.seq_length
         self.reserve(batch_size, past + 1, dtype, device)

@@ -18,9 +18,12 @@ _MODULES = {
     "modeling": "modeling_adaponder",
     "hf_compat": "hf_compat_adaponder",
     "inference": "inference_adaponder",
-    "sparse": "sparse_adaponder",
+    "ponder": "ponder_adaponder",
+    "kv": "kv_adaponder",
+    "mixture": "mixture_adaponder",
+    "accounting": "accounting_adaponder",
+    "generation": "generation_adaponder",
     "speculative": "speculative_adaponder",
-    "decode": "decode_adaponder",
 }
 AUTO_MAP = {
     "AutoConfig": "configuration_adaponder.AdaPonderConfig",

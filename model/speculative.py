@@ -1,13 +1,13 @@
 """Self-speculative decoding: pass 1 of the pondering model drafts, its remaining passes verify.
 
 A pondering model carries its own draft model: its first pass. One cycle:
-  1. Draft n tokens, one decode step each (model/decode.py), running pass 1 only. Their pass-1 K/V
-     are exactly those the full computation needs; the cache carries them into the later passes, as
-     for a token that halts after pass 1.
+  1. Draft n tokens, one decode step each (model.ponder.decode_step), running pass 1 only. Their
+     pass-1 K/V are exactly those the full computation needs; the cache carries them into the later
+     passes, as for a token that halts after pass 1.
   2. Verify: the n drafted positions become the cache's current chunk again (`reopen_chunk`) and the
-     sparse loop (model/sparse.py) goes on from their pass-1 outputs h^0: gate, mixture, passes 2..K
-     for the tokens that continue, all n positions in one batched call. A token the gate halts after
-     pass 1 is computed no further: its draft logits are its final logits (always accepted).
+     packed loop (model.ponder.ponder_packed) goes on from their pass-1 outputs h^0: gate, mixture,
+     passes 2..K for the tokens that continue, all n positions in one batched call. A token the gate
+     halts after pass 1 is computed no further: its draft logits are its final logits (always accepted).
   3. Accept the longest prefix the full model agrees with, plus the full model's own token at the
      first disagreement, and crop the cache back to the accepted positions.
 
@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from model.decode import applies_to
 from model.inference import AdaPonderCache
+from model.ponder import decode_applies
 
 
 @dataclass
@@ -94,8 +94,8 @@ def assisted_decoding(
     """transformers' `_assisted_decoding` for an AdaPonderForCausalLM with assistant_early_exit=1:
     the same prefill as plain decoding, then `speculative_loop`. Returns the sequences."""
     num_draft = check_generation_config(generation_config, assistant_model, model_kwargs)
-    tau, num_run = model._compute_knob(model_kwargs.get("halt_threshold"), model_kwargs.get("max_passes"))
-    outputs = model._prefill(input_ids, generation_config, model_kwargs)
+    tau, num_run = model.compute_knob(model_kwargs.get("halt_threshold"), model_kwargs.get("max_passes"))
+    outputs = model.prefill(input_ids, generation_config, model_kwargs)
     sequences, _ = speculative_loop(
         model,
         input_ids,
@@ -240,9 +240,9 @@ def accept_sampled(
 
 def _draft(model: Any, ids_B1: torch.Tensor, cache: AdaPonderCache, tau: float) -> torch.Tensor:
     """Pass 1 of one new token per sequence, cached as for a token that halts after it; its output
-    h^0 [B, 1, D]. Through the decode step (model/decode.py) where it applies, else the general path."""
-    real_B1 = torch.ones_like(ids_B1, dtype=torch.bool)
-    if not applies_to(model, cache, real_B1, None, None):
+    h^0 [B, 1, D]. Through the decode step (model.ponder.decode_step) where it applies, else the
+    general path."""
+    if not decode_applies(model, cache, 1, True, None, None):
         return _cached_call(model, ids_B1, cache, tau, 1).h_out
     position_ids_B1 = cache.real.sum(-1)[:, None]  # real tokens before it (left padding excluded)
     return model.decode(ids_B1, position_ids_B1, cache, tau, 1).h_out
@@ -256,7 +256,7 @@ def _cached_call(
     num_run: int,
     pass0_h_BTD: torch.Tensor | None = None,
 ) -> Any:
-    """One cached forward of real tokens at the next positions (model.sparse.PonderResult): new
+    """One cached forward of real tokens at the next positions (model.ponder.PonderResult): new
     positions running `num_run` passes, or with `pass0_h_BTD` the cache's last T positions, whose
     pass 1 ran already, going on from its outputs."""
     real_BT = torch.ones_like(ids_BT, dtype=torch.bool)
@@ -267,7 +267,7 @@ def _cached_call(
         past_real_B, real_BS = cache.reopen_chunk(t)
     # transformers' positions: real tokens before this one (left padding excluded).
     position_ids_BT = past_real_B[:, None] + torch.arange(t, device=ids_BT.device)
-    result = model._ponder_sparse(
+    result = model.ponder_chunk(
         ids_BT, real_BT, position_ids_BT, cache, real_BS, None, tau, num_run, pass0_h_BTD
     )
     cache.end_chunk(result.active, real_BT)

@@ -1,14 +1,14 @@
-"""The fixed-shape decode step (model/decode.py) against the general cached forward and the dense one."""
+"""The fixed-shape decode step (model.ponder.decode_step) against the general cached forward and the
+dense one."""
 
 import pytest
 import torch
 from test_inference import left_padded_batch
 from tiny_models import VOCAB, random_halting_model
 
-import model.decode as decode
-import model.sparse as sparse
+import model.ponder as ponder
+from model.accounting import decode_bytes
 from model.inference import AdaPonderCache
-from model.modeling import decode_bytes
 
 # name -> (model overrides, tau): random gates around tau = 0.5 halt tokens after every pass; tau = 0
 # halts nobody (f = 0).
@@ -112,10 +112,10 @@ def test_generate_takes_the_decode_step_and_gives_the_general_paths_tokens(monke
     ids, mask, _ = left_padded_batch([6, 4], 6, seed=5)
     kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     general = model.generate(ids, fast_decode=False, **kwargs)
-    steps = count_calls(monkeypatch, decode, "decode_step")
-    packed = count_calls(monkeypatch, sparse, "ponder_packed")
-    monkeypatch.setattr("model.modeling.decode_step", decode.decode_step)
-    monkeypatch.setattr("model.modeling.ponder_packed", sparse.ponder_packed)
+    steps = count_calls(monkeypatch, ponder, "decode_step")
+    packed = count_calls(monkeypatch, ponder, "ponder_packed")
+    monkeypatch.setattr("model.modeling.decode_step", ponder.decode_step)
+    monkeypatch.setattr("model.modeling.ponder_packed", ponder.ponder_packed)
     fast = model.generate(ids, **kwargs)
     assert torch.equal(fast, general)
     assert (len(steps), len(packed)) == (7, 1), "the prefill runs the general path, every step the fast one"

@@ -12,7 +12,7 @@ from tiny_models import random_halting_model
 import model.modeling as modeling
 from model import AdaPonderForCausalLM
 from model.inference import AdaPonderCache
-from model.sparse import AlignedKV
+from model.kv import AlignedKV
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, random_halting_model
 
+import model.mixture as mixture
 import model.modeling as modeling
 
 
@@ -18,7 +19,7 @@ def reference_mixture(h, w_out, w_in, topk):
 
 @pytest.mark.parametrize("topk", [0, 7])
 def test_chunked_mixture_equals_the_autograd_formula_forward_and_backward(monkeypatch, topk):
-    monkeypatch.setattr(modeling, "MIXTURE_CHUNK_BYTES", 3 * 4 * VOCAB)  # chunks of 3 tokens
+    monkeypatch.setattr(mixture, "MIXTURE_CHUNK_BYTES", 3 * 4 * VOCAB)  # chunks of 3 tokens
     generator = torch.Generator().manual_seed(0)
     h = torch.randn(2, 5, 32, generator=generator, requires_grad=True)
     w_out = torch.randn(VOCAB, 32, generator=generator, requires_grad=True)

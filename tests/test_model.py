@@ -8,8 +8,9 @@ from tiny_models import VOCAB, random_halting_model, tiny
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from model import AdaPonderConfig, AdaPonderForCausalLM
+from model.accounting import forward_flops
 from model.hf_compat import gpt_neox_config
-from model.modeling import bottom_k_gate_loss, forward_flops
+from model.modeling import bottom_k_gate_loss
 
 
 def hf_checkpoint(tmp_path, rotary_pct=0.25, parallel=True, seed=0):

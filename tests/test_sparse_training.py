@@ -1,4 +1,4 @@
-"""The sparse training step (model/sparse.py, `dense=False`) equals the dense one: loss, logits and
+"""The sparse training step (model.ponder.ponder_packed, `dense=False`) equals the dense one: loss, logits and
 every parameter's gradient (fp32, 1e-5), while tokens halt after every pass."""
 
 import pytest

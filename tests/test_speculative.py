@@ -98,7 +98,7 @@ def test_greedy_speculation_is_plain_greedy_with_padding_and_eos(name, recorded_
     model = MODELS[name]()
     ids, mask, _ = left_padded_batch([9, 6, 3], 9, seed=7)
     args = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
-    one_pass_steps = []  # the drafts run through the decode step (model/decode.py), pass 1 only
+    one_pass_steps = []  # the drafts run through the decode step (model.ponder.decode_step), pass 1 only
     step = model.decode
     model.decode = lambda *a, **k: one_pass_steps.append(a[4]) or step(*a, **k)
     with torch.no_grad():

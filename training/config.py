@@ -125,7 +125,7 @@ class PonderConfig:
     # After the gates-only phase the backbone's learning rate rises linearly from 0 to the schedule's
     # over this long, in `unit`, instead of jumping to it with fresh Adam moments. 0: no re-warm.
     backbone_warmup: int = 0
-    # Each pass runs only the tokens still active, forward and backward (model/sparse.py): the
+    # Each pass runs only the tokens still active, forward and backward (model/ponder.py, packed): the
     # dense step's numbers and gradients, minus the compute of halted tokens (benchmarks/
     # bench_sparse_train.py: as fast as dense with nobody halted, faster from the paper's rates on).
     sparse_training: bool = True

@@ -389,6 +389,10 @@ class Engine:
     """A DeepSpeed engine behind the few calls the trainer makes."""
 
     def __init__(self, model: nn.Module, param_groups: list[dict[str, Any]], ds_config: dict[str, Any]):
+        # Every rank runs every module of every pass, even with no token left to run: ZeRO-3 gathers
+        # each module's weights on all ranks together, and gradient reduction (any stage) expects
+        # every parameter on every rank.
+        model.every_rank_calls_every_module = True
         # DeepSpeed pops keys (e.g. torch_adam) from the dict it is given.
         self._ds, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups, config=copy.deepcopy(ds_config)

@@ -3,7 +3,7 @@
 MODEL is an exported Hugging Face directory (`adaponder-export`) or a run directory (its latest
 checkpoint, or `--tag`), read without DeepSpeed. The model runs in eval mode under `no_grad`, where
 its forward skips halted tokens, so the compute reported is the compute spent; FLOPs come from the
-model's own accounting (`out.flops`, `model.modeling.forward_flops`).
+model's own accounting (`out.flops`, `model.accounting.forward_flops`).
 
     adaponder-eval MODEL --output DIR --data PREFIX [--split 949,50,1 --split-name valid]
     adaponder-eval MODEL --output DIR --tasks TASK,... [--include-path DIR]
@@ -49,7 +49,7 @@ from data.config import DataConfig
 from data.dataset import SPLITS, split_range
 from data.indexed import MMapIndexedDataset, data_path, index_path
 from model import AdaPonderConfig, AdaPonderForCausalLM
-from model.modeling import active_from_passes, forward_flops
+from model.accounting import active_from_passes, forward_flops
 from training.export import load_checkpoint_model
 
 POLICIES = ("uniform", "geometric")

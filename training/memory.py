@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from model import AdaPonderConfig, AdaPonderForCausalLM
-from model.modeling import MIXTURE_CHUNK_BYTES
+from model.mixture import MIXTURE_CHUNK_BYTES
 
 GIB = 2**30
 FP32 = 4

@@ -199,7 +199,9 @@ class TrainMeter:
         self.grad_norm = states[0]["grad_norm"]
 
     def add_micro_batch(self, out: Any) -> None:
-        passes = torch.bincount(out.passes.flatten() - 1, minlength=self._k).double()
+        """Adds on the device (no host read: bincount and boolean indexing would each sync); the
+        sums are read once per logging interval, in `reduce`."""
+        passes = _counts(out.passes.flatten() - 1, self._k, self._device)
         values = torch.stack(
             [
                 out.lm_loss.detach().double(),
@@ -218,10 +220,12 @@ class TrainMeter:
     def _add_gates(self, gates_UBT: torch.Tensor, passes_BT: torch.Tensor) -> None:
         buckets = len(self.edges) - 1
         for u in range(self._num_gates):
-            s = gates_UBT[u][passes_BT > u].float()  # gate u only exists for tokens that ran pass u
-            counts = torch.bincount(torch.bucketize(s, self._inner_edges, right=True), minlength=buckets)
-            s = s.double()
-            self._gates[u] += torch.cat([counts.double(), torch.stack([s.sum(), (s * s).sum()])])
+            ran = (passes_BT > u).flatten().double()  # gate u only exists for tokens that ran pass u
+            s = gates_UBT[u].flatten().float()
+            bucket = torch.bucketize(s, self._inner_edges, right=True)
+            counts = torch.zeros(buckets, dtype=torch.float64, device=s.device).index_add_(0, bucket, ran)
+            s = s.double() * ran
+            self._gates[u] += torch.cat([counts, torch.stack([s.sum(), (s * s).sum()])])
 
     def exclude(self, seconds: float) -> None:
         """Time spent on validation or checkpoints: not part of training throughput."""
@@ -431,3 +435,11 @@ class MetricsWriter:
             self._bar.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def _counts(index_N: torch.Tensor, size: int, device: Any) -> torch.Tensor:
+    """How often each of 0 .. size - 1 occurs in `index_N`, [size] float64, without a host read."""
+    counts = torch.zeros(size, dtype=torch.float64, device=device)
+    return counts.index_add_(
+        0, index_N.to(device), torch.ones_like(index_N, dtype=torch.float64, device=device)
+    )

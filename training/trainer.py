@@ -360,13 +360,13 @@ class Trainer:
         self.meter.add_step(self.engine.grad_norm())
 
     def _stage1_knobs(self, tokens_BT1: torch.Tensor, settings: StepSettings) -> dict[str, Any]:
-        """The forward's path: sparse or dense per `ponder.sparse_training`, except in stage 1 with
-        `ponder.halt_during_stage1` off, where every token runs all K passes (`exit_passes`, dense:
-        nobody halts, so there is nothing for the sparse path to skip)."""
+        """The forward's path: sparse or dense per `ponder.sparse_training`; in stage 1 with
+        `ponder.halt_during_stage1` off every token runs all K passes (`exit_passes`), which the
+        packed path runs as full passes, with the dense path's numbers bit for bit."""
+        knobs = {"dense": not self.cfg.ponder.sparse_training}
         if self.cfg.ponder.halt_during_stage1 or settings.ponder_lambda or not self.model_config.adaptive:
-            return {"dense": not self.cfg.ponder.sparse_training}
-        all_passes_BT = torch.full_like(tokens_BT1[:, :-1], self.model_config.num_passes)
-        return {"dense": True, "exit_passes": all_passes_BT}
+            return knobs
+        return knobs | {"exit_passes": torch.full_like(tokens_BT1[:, :-1], self.model_config.num_passes)}
 
     def _check_finite(self, losses: torch.Tensor) -> None:
         local_bad = not bool(torch.isfinite(losses).all())
@@ -440,9 +440,7 @@ class Trainer:
         with torch.no_grad():
             for tokens_BT1 in build_dataloader(valid, sampler, num_workers=0):
                 tokens_BT1 = tokens_BT1.to(self.device)
-                out = self.engine(
-                    input_ids=tokens_BT1[:, :-1], labels=tokens_BT1[:, 1:], shift_labels=False, dense=True
-                )
+                out = self.engine(input_ids=tokens_BT1[:, :-1], labels=tokens_BT1[:, 1:], shift_labels=False)
                 meter.add_micro_batch(out)
         self.engine.train()
         self._last_eval = meter.reduce()
