@@ -252,6 +252,10 @@ def write_weights(model: nn.Module, state: dict[str, torch.Tensor] | None) -> No
     `deepspeed.initialize`, so the optimizer's fp32 master copy is built from these weights.
     """
     partitioned = is_partitioned(model)
+    if not partitioned and dist.is_initialized():
+        # ZeRO-1/2 build the model on the host; NCCL broadcasts accelerator tensors only, so the
+        # model moves to this rank's device first (deepspeed.initialize would move it there anyway).
+        model.to(device())
     for prefix, module in model.named_modules():
         params = dict(module.named_parameters(prefix=prefix, recurse=False))
         if not params:
