@@ -60,6 +60,10 @@ def _owned_values(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
         "train_batch_size": plan.global_batch_size,
         "gradient_clipping": opt.grad_clip,
         "bf16.enabled": cfg.precision == "bf16",
+        "fp16.enabled": cfg.precision == "fp16",
+        # Gradients of half-precision runs accumulate over the micro-batches (up to 64 in the large
+        # recipes) in fp32, not in the parameters' dtype (DeepSpeed's default).
+        "data_types.grad_accum_dtype": "fp32",
         "optimizer.type": "AdamW",
         "optimizer.params.lr": opt.lr,
         "optimizer.params.betas": list(opt.betas),
@@ -95,8 +99,6 @@ def load_ds_config(path: Path, cfg: RunConfig, plan: BatchPlan) -> dict[str, Any
         raise ValueError(f"{path}: cannot read the DeepSpeed config ({e})") from e
     if "scheduler" in ds:
         raise ValueError(f"{path}: remove 'scheduler'; the learning-rate schedule is the run config's")
-    if ds.get("fp16", {}).get("enabled", False):
-        raise ValueError(f"{path}: fp16 is not supported; the run config's precision is fp32 or bf16")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2, 3):
         raise ValueError(f"{path}: zero_optimization.stage must be 1, 2 or 3, got {stage!r}")
@@ -104,12 +106,41 @@ def load_ds_config(path: Path, cfg: RunConfig, plan: BatchPlan) -> dict[str, Any
         _fill(ds, key, value, path)
     _fill_buckets(ds, zero_buckets(cfg.model_config(), stage), path)
     _fill_nvme_offload(ds, cfg, path)
-    params = ds["optimizer"]["params"]
-    # CPU runs use torch.optim.AdamW: DeepSpeed's CPU Adam would have to be JIT-compiled.
-    if get_accelerator().device_name() == "cpu":
-        params.setdefault("torch_adam", True)
+    if ds.get("fp16", {}).get("enabled") and ds["fp16"].get("loss_scale", 0) == 0:
+        ds["fp16"].update({**FP16_DYNAMIC_LOSS_SCALE, **ds["fp16"]})
+    _fill_optimizer_kind(ds["optimizer"]["params"], ds, on_accelerator())
     ds.setdefault("steps_per_print", 10**9)  # our own logging replaces DeepSpeed's
     return ds
+
+
+# fp16: dynamic loss scaling (loss_scale 0) from 2^16, halved on an overflow (the step is skipped),
+# doubled after 1000 steps without one. The scaler's state is part of the optimizer checkpoint.
+FP16_DYNAMIC_LOSS_SCALE = {
+    "loss_scale": 0,
+    "initial_scale_power": 16,
+    "loss_scale_window": 1000,
+    "hysteresis": 2,
+    "min_loss_scale": 1,
+}
+
+
+def on_accelerator() -> bool:
+    return get_accelerator().device_name() != "cpu"
+
+
+def _fill_optimizer_kind(params: dict[str, Any], ds: dict[str, Any], accelerator: bool) -> None:
+    """Which AdamW DeepSpeed builds: torch's (`torch_adam`), nothing to compile on any node.
+
+    On an accelerator torch's fused kernel (`fused`; DeepSpeed's own FusedAdam would be JIT-compiled
+    with nvcc on first use). With the optimizer offloaded to CPU memory on a GPU node, DeepSpeed's
+    CPU Adam (built once with the host's C++ compiler, several times faster than torch's on CPU).
+    A value set in the JSON is the user's choice.
+    """
+    offloaded = ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
+    if not (accelerator and offloaded):
+        params.setdefault("torch_adam", True)
+    if accelerator and not offloaded:
+        params.setdefault("fused", True)
 
 
 def _fill(ds: dict[str, Any], dotted: str, value: Any, path: Path) -> None:

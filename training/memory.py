@@ -4,8 +4,8 @@ Bytes per rank of a DeepSpeed ZeRO-3 run of N ranks with P parameters (p = bytes
 dtype: 4 for fp32, 2 for bf16):
 
     model states    weights p x P/N (plus "persistent" small tensors, whole on every rank),
-                    gradient partitions p x P/N, fp32 master copy 4 x P/N (also in fp32: DeepSpeed
-                    clones), Adam moments 8 x P/N
+                    gradient partitions 4 x P/N (accumulated in fp32), fp32 master copy 4 x P/N
+                    (also in fp32: DeepSpeed clones), Adam moments 8 x P/N
     gathered        the largest set of full tensors live at once, and in backward their full
                     gradients before the reduce-scatter: the two vocabulary tables of the pondering
                     mixture (softmax(embed_out(h)) @ embed_in), whose gradients autograd accumulates
@@ -178,7 +178,8 @@ class MemoryPlan:
         stage = self.stage
         resident = math.ceil((sizes.total - persistent) / n) + persistent if stage == 3 else sizes.total
         weights = {"weights": p * resident}
-        grads = p * (sizes.total if stage == 1 else shard)
+        # Gradients accumulate over the micro-batches in fp32 (data_types.grad_accum_dtype).
+        grads = FP32 * (sizes.total if stage == 1 else shard)
         optim = {"fp32 master": FP32 * shard, "Adam moments": 2 * FP32 * shard}
         for where, group in (("offload_param", weights), ("offload_optimizer", optim)):
             device = self.zero.get(where, {}).get("device", "none")
@@ -208,7 +209,7 @@ class MemoryPlan:
 
     @property
     def dtype_bytes(self) -> int:
-        return 2 if self.precision == "bf16" else FP32
+        return 2 if self.precision in ("bf16", "fp16") else FP32
 
     def gathered(self, phase: str) -> int:
         """Full (gathered) weights live at once in `phase`, and in backward the full gradients that

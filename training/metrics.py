@@ -72,7 +72,7 @@ def peak_memory_gib() -> float:
     return run_peak_gib()
 
 
-# Peak dense (no sparsity) TFLOP/s per device from the vendors' data sheets: (bf16, fp32). fp32 is
+# Peak dense (no sparsity) TFLOP/s per device from the vendors' data sheets: (bf16 or fp16, fp32). fp32 is
 # the non-tensor-core rate (PyTorch does not use TF32 for matmuls by default). Matched as a substring
 # of the device name, first match wins: more specific names come first.
 GPU_PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
@@ -91,6 +91,8 @@ GPU_PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
     ("L40S", 362.0, 91.6),
     ("L40", 181.0, 90.5),
     ("L4", 121.0, 30.3),
+    ("V100", 125.0, 15.7),  # no bf16: the half-precision column is fp16's
+    ("T4", 65.0, 8.1),
     ("MI300X", 1307.4, 163.4),
     ("MI250X", 383.0, 47.9),
 )
@@ -105,14 +107,14 @@ class PeakFlops:
 
 
 def detect_peak_tflops(precision: str, override: float | None = None) -> PeakFlops:
-    """Peak dense TFLOP/s of one rank's device for `precision` ("bf16" or "fp32")."""
+    """Peak dense TFLOP/s of one rank's device for `precision` ("bf16", "fp16" or "fp32")."""
     if override is not None:
         return PeakFlops(override, f"{override:g} TFLOP/s from logging.peak_tflops")
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         for key, bf16, fp32 in GPU_PEAK_TFLOPS:
             if key in name:
-                peak = bf16 if precision == "bf16" else fp32
+                peak = bf16 if precision in ("bf16", "fp16") else fp32
                 return PeakFlops(peak, f"{name}: {peak:g} TFLOP/s dense {precision} (data sheet)")
         return PeakFlops(None, f"{name} is not in the table of known GPUs: set logging.peak_tflops for MFU")
     return cpu_peak_tflops()
