@@ -2,9 +2,11 @@
 rank 0 to TensorBoard (`<run_dir>/tensorboard/`), the console, and DeepSpeed's own monitors when the
 run enables them (csv_monitor, wandb: scalars only). docs/metrics.md lists every tag.
 
-FLOPs: the model reports the forward FLOPs of each batch as run adaptively (`total`) and with every
-token in every pass (`dense_total`, what training actually computes). Model FLOPs per training step
-are 3 x dense forward (forward + backward); with activation checkpointing the hardware does a 4th
+FLOPs: the model reports the forward FLOPs of each batch as run adaptively (`total`: halted tokens
+computed nowhere) and with every token in every pass (`dense_total`). Throughput and MFU count the
+passes actually run: the adaptive FLOPs when training skips halted tokens (`ponder.sparse_training`),
+the dense ones when it computes every token in every pass. Model FLOPs per training step
+are 3 x that forward (forward + backward); with activation checkpointing the hardware does a 4th
 forward, which MFU leaves out by convention. MFU divides by the device's peak dense TFLOP/s for the
 run's precision, looked up from the device's name (`detect_peak_tflops`); on CPU it is an estimate
 from the threads, clock and vector width, and says so; `logging.peak_tflops` overrides both.
@@ -153,9 +155,16 @@ class TrainMeter:
     """
 
     def __init__(
-        self, num_passes: int, device: torch.device, num_gates: int = 0, halt_threshold: float = 1e-4
+        self,
+        num_passes: int,
+        device: torch.device,
+        num_gates: int = 0,
+        halt_threshold: float = 1e-4,
+        sparse: bool = False,
     ):
         self._k = num_passes
+        # The FLOPs the hardware ran: adaptive (slot 5) when training skips halted tokens, else dense.
+        self._run_flops = 5 if sparse else 4
         self._device = device
         self._num_gates = num_gates
         self.edges = gate_edges(halt_threshold)
@@ -197,7 +206,7 @@ class TrainMeter:
             self._sums += torch.tensor(state["sums"], dtype=torch.float64, device=self._device)
             gates = torch.tensor(state["gates"], dtype=torch.float64, device=self._device)
             self._gates += gates.reshape(self._gates.shape)
-        self._untimed = self._sums[3:5].clone()
+        self._untimed = self._sums[[3, self._run_flops]].clone()
         self.grad_norm = states[0]["grad_norm"]
 
     def add_micro_batch(self, out: Any) -> None:
@@ -246,7 +255,8 @@ class TrainMeter:
         gates = [gate_rows[u * width : (u + 1) * width] for u in range(self._num_gates)]
         lm, ponder, micro, tokens, dense_flops, adaptive_flops = total[:6]
         passes = total[6 : 6 + self._k]
-        model_tflops_per_rank = 3 * (dense_flops - untimed_flops) / elapsed / world / 1e12
+        run_flops = total[self._run_flops]
+        model_tflops_per_rank = 3 * (run_flops - untimed_flops) / elapsed / world / 1e12
         return {
             "lm_loss": lm / micro,
             "ponder_loss": ponder / micro,
