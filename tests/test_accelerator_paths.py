@@ -69,3 +69,28 @@ def test_write_weights_broadcasts_on_the_device_zero12(nccl_like):
     ds.write_weights(model, state)
     assert nccl_like.count("broadcast") == len(state)
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_a_pass_where_every_token_halted_hands_sdpa_no_empty_batch(monkeypatch):
+    """Training runs every pass on every rank (ZeRO-3), also with no active token left; fused
+    attention kernels reject an empty batch, so SDPA must not see one."""
+    import model.sparse as sparse
+    from tests.tiny_models import VOCAB, random_halting_model
+
+    real_sdpa = sparse.F.scaled_dot_product_attention
+    calls = []
+
+    def fused_only(q, k, v, **kwargs):
+        if 0 in (q.shape[0], k.shape[0]):
+            raise RuntimeError(f"empty batch: q {tuple(q.shape)}")
+        calls.append(q.shape[0])
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(sparse.F, "scaled_dot_product_attention", fused_only)
+    model = random_halting_model(seed=23).train()
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(5))
+    out = model(ids, labels=ids, dense=False, exit_passes=torch.ones_like(ids))
+    out.loss.backward()
+    assert (out.passes == 1).all() and calls  # pass 1 ran through SDPA, passes 2-4 had no token
+    weight = model.gpt_neox.layers[0].attention.query_key_value.weight
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()
