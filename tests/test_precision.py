@@ -1,6 +1,7 @@
 """Half precision through DeepSpeed on one CPU rank: bf16 with fp32 gradient accumulation, fp16 with
 dynamic loss scaling saved and resumed, and torch's (fused) AdamW rather than a JIT-compiled one."""
 
+import contextlib
 import types
 
 import deepspeed
@@ -58,7 +59,7 @@ def micro_step(engine: ds.Engine, scale: float = 1.0) -> None:
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_bf16_accumulates_gradients_in_fp32(one_rank, stage):
+def test_bf16_accumulates_gradients_in_fp32(one_rank, stage, tmp_path):
     cfg, ds_config = run_config("bf16", stage)
     engine = make_engine(cfg, ds_config)
     # Read back from DeepSpeed's own resolved config, not from our dict.
@@ -70,6 +71,17 @@ def test_bf16_accumulates_gradients_in_fp32(one_rank, stage):
     assert engine._ds.global_steps == 1
     if stage == 3:
         assert engine._ds.optimizer.grad_partitions_flat_buffer.dtype == torch.float32
+    # ZeRO-1 in bf16 with fp32 accumulation is DeepSpeed's BF16_Optimizer, with files of its own:
+    # they save, pass the weights-only check, consolidate (export, rank-count change) and resume.
+    engine.save(tmp_path, "step1", {})
+    weights = ds.consolidated_state_dict(tmp_path, "step1")
+    params = dict(engine.module.named_parameters())
+    assert weights.keys() >= params.keys()
+    with ds.gather_for_write(list(params.values())) if stage == 3 else contextlib.nullcontext():
+        for name, param in params.items():  # the fp32 master rounds to the bf16 weight
+            assert weights[name].dtype == torch.float32 and weights[name].shape == param.shape, name
+            torch.testing.assert_close(weights[name].to(torch.bfloat16), param.data, rtol=0, atol=0)
+    make_engine(cfg, ds_config).load(tmp_path, "step1")
 
 
 def test_gpu_nodes_get_torch_fused_adamw_not_a_jit_compiled_one(monkeypatch):

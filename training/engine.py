@@ -381,8 +381,41 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, t
     passes `check_safe_to_load` before DeepSpeed unpickles it.
     """
     check_checkpoint_files(checkpoint_dir, tag)
+    if _is_bf16_optimizer_checkpoint(Path(checkpoint_dir) / tag):
+        return _bf16_optimizer_state_dict(Path(checkpoint_dir) / tag)
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
+def _is_bf16_optimizer_checkpoint(path: Path) -> bool:
+    """ZeRO optimizers record their stage; BF16_Optimizer does not (its files are named like
+    ZeRO-3's in bf16: bf16_zero_pp_rank_*)."""
+    first = next(path.glob("*_optim_states.pt"), None)
+    if first is None:
+        return False
+    with torch.serialization.safe_globals(_checkpoint_globals()):
+        state = torch.load(first, map_location="cpu", weights_only=True, mmap=True)["optimizer_state_dict"]
+    return "zero_stage" not in state and "param_slice_mappings" in state
+
+
+def _bf16_optimizer_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a checkpoint of DeepSpeed's BF16_Optimizer (ZeRO-1 in bf16 with fp32
+    gradient accumulation), whose files zero_to_fp32 does not read: every rank's fp32 partition of
+    each parameter group, and where each parameter's slice lies in it (`param_slice_mappings`).
+    A parameter's slices, in rank order, make up the parameter."""
+    from deepspeed.utils import zero_to_fp32
+
+    model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(path)))
+    shapes = {name: shape for group in model_states[0].param_shapes for name, shape in group.items()}
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in shapes}
+    for file in zero_to_fp32.get_optim_files(str(path)):  # in rank order
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["optimizer_state_dict"]
+        for flat, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"]):
+            for name, address in mapping.items():
+                pieces[name].append(flat.narrow(0, address.start, address.numel))
+    weights = {name: torch.cat(pieces[name]).view(shape).clone() for name, shape in shapes.items()}
+    return {**model_states[0].buffers, **weights}
 
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
