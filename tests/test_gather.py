@@ -60,6 +60,8 @@ def test_the_planner_keeps_weights_for_all_passes_and_counts_them():
     assert zero["stage3_max_reuse_distance"] >= k4.sizes.total
     assert zero["stage3_max_live_parameters"] >= k4.sizes.total
     assert k4.gathers_once and not k1.gathers_once
+    # Parameters offloaded (they do not fit): released after each use, as DeepSpeed would.
+    assert zero_buckets(k4.config, 3, params_offloaded=True)["stage3_max_reuse_distance"] < k4.sizes.total
     # The whole model is gathered during the step: planned in the forward's peak.
     assert k4.gathered("forward") >= k4.sizes.total * k4.dtype_bytes
     steps = plan.gradient_accumulation_steps

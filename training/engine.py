@@ -104,7 +104,8 @@ def load_ds_config(path: Path, cfg: RunConfig, plan: BatchPlan) -> dict[str, Any
         raise ValueError(f"{path}: zero_optimization.stage must be 1, 2 or 3, got {stage!r}")
     for key, value in _owned_values(cfg, plan).items():
         _fill(ds, key, value, path)
-    _fill_buckets(ds, zero_buckets(cfg.model_config(), stage), path)
+    offloaded = ds.get("zero_optimization", {}).get("offload_param", {}).get("device", "none") != "none"
+    _fill_buckets(ds, zero_buckets(cfg.model_config(), stage, params_offloaded=offloaded), path)
     _fill_nvme_offload(ds, cfg, path)
     if ds.get("fp16", {}).get("enabled") and ds["fp16"].get("loss_scale", 0) == 0:
         ds["fp16"].update({**FP16_DYNAMIC_LOSS_SCALE, **ds["fp16"]})

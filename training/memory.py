@@ -92,7 +92,7 @@ def model_sizes(config: AdaPonderConfig) -> ModelSizes:
     )
 
 
-def zero_buckets(config: AdaPonderConfig, stage: int) -> dict[str, int]:
+def zero_buckets(config: AdaPonderConfig, stage: int, params_offloaded: bool = False) -> dict[str, int]:
     """ZeRO communication buckets and ZeRO-3 gathering limits (elements), from the model's size.
 
     Buckets follow DeepSpeed's / transformers' convention (reduce D^2, prefetch 0.9 D^2, persistent
@@ -104,8 +104,9 @@ def zero_buckets(config: AdaPonderConfig, stage: int) -> dict[str, int]:
     passes 2..K and for the backward, instead of gathering every layer K times in forward and again
     in backward (benchmarks/bench_gather.py: a K=4 step all-gathers about the bytes of a K=1 step).
     This costs the whole model's gathered weights on every rank during the step (`MemoryPlan.gathered`;
-    5.6 GB in bf16 at 2.8B). A plain K=1 model keeps DeepSpeed's usual economy: live parameters
-    capped at both vocabulary tables or two layers, reuse within one layer.
+    5.6 GB in bf16 at 2.8B). A plain K=1 model, and a run whose parameters are offloaded to CPU
+    memory or NVMe (it offloads because the weights do not fit), keep DeepSpeed's usual economy: live
+    parameters capped at both vocabulary tables or two layers, reuse within one layer.
 
     The optimizer steps over sub-groups of at most two vocabulary tables' worth of this rank's
     partition, so that its fp32 gradient copy and Adam temporaries stay that size (DeepSpeed's
@@ -115,7 +116,7 @@ def zero_buckets(config: AdaPonderConfig, stage: int) -> dict[str, int]:
     if stage != 3:
         return {"reduce_bucket_size": d * d, "allgather_bucket_size": d * d}
     sizes = model_sizes(config)
-    ponders = config.num_passes > 1
+    ponders = config.num_passes > 1 and not params_offloaded
     return {
         "reduce_bucket_size": d * d,
         "stage3_prefetch_bucket_size": int(0.9 * d * d),
