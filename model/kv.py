@@ -192,9 +192,14 @@ def packed_attention(
     if lay.rows_R is not None:
         keys_RNSH = keys_RNSH.index_select(0, lay.rows_R)
         values_RNSH = values_RNSH.index_select(0, lay.rows_R)
-    out_RNCH = F.scaled_dot_product_attention(
-        q_RNCH, keys_RNSH, values_RNSH, attn_mask=lay.mask, is_causal=lay.is_causal
-    )
+    if q_RNCH.shape[0] == 0:
+        # No active token (the pass still runs: uniform_calls). Fused SDPA kernels reject an empty
+        # batch; the product of empty tensors is empty and keeps q, k, v in the graph.
+        out_RNCH = (q_RNCH @ keys_RNSH.transpose(-1, -2)).softmax(-1) @ values_RNSH
+    else:
+        out_RNCH = F.scaled_dot_product_attention(
+            q_RNCH, keys_RNSH, values_RNSH, attn_mask=lay.mask, is_causal=lay.is_causal
+        )
     out_XD = out_RNCH.transpose(1, 2).reshape(-1, num_heads * head_size)  # full grid: b-major = packed
     return attn.dense(out_XD if lay.full else out_XD[lay.slot_n]), keys, values
 

@@ -110,7 +110,7 @@ def test_every_preset_has_recipes_that_plan_for_8_and_16_gpus(size, continued, t
 
 
 @pytest.mark.parametrize("path", SHIPPED_DS_CONFIGS, ids=lambda p: p.name)
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_shipped_ds_configs_are_filled_from_the_run_config(path, precision, train_shards):
     cfg = load_config(
         REPO / "configs" / "quickstart.yaml",
@@ -123,6 +123,10 @@ def test_shipped_ds_configs_are_filled_from_the_run_config(path, precision, trai
     assert ds["gradient_accumulation_steps"] == plan.gradient_accumulation_steps
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is (precision == "bf16")
+    assert ds["fp16"]["enabled"] is (precision == "fp16")
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+    if precision == "fp16":
+        assert ds["fp16"]["loss_scale"] == 0  # dynamic
     assert ds["optimizer"]["params"]["lr"] == cfg.optimizer.lr
     assert ds["optimizer"]["params"]["betas"] == list(cfg.optimizer.betas)
     assert "auto" not in json.dumps(ds)
@@ -173,8 +177,8 @@ def test_unknown_keys_and_bad_values_name_the_field(tmp_path):
         read_config(None, ["schedule.warmpu=3"])
     with pytest.raises(ValueError, match=r"'seq_len' has no sub-keys"):
         read_config(None, ["seq_len.x=3"])
-    with pytest.raises(ValueError, match=r"precision must be one of \['fp32', 'bf16'\]"):
-        read_config(None, ["precision=fp16"])
+    with pytest.raises(ValueError, match=r"precision must be one of \['fp32', 'bf16', 'fp16'\]"):
+        read_config(None, ["precision=fp8"])
 
 
 def test_overrides_parse_yaml_values_and_numbers_in_e_notation():

@@ -201,7 +201,9 @@ class RunConfig:
     train_steps: int | None = None  # length of the run in optimizer steps (set this or train_tokens)
     train_tokens: int | None = None  # length of the run in tokens, rounded up to whole steps
     exit_at_step: int | None = None  # checkpoint and stop after this step (job-sized chunks of a run)
-    precision: Literal["fp32", "bf16"] = "bf16"  # parameter/compute dtype (master weights stay fp32)
+    # Parameter/compute dtype; master weights, Adam and gradient accumulation stay fp32. fp16 (GPUs
+    # without bf16: V100, T4) scales the loss dynamically.
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     deepspeed_config: str = "ds_configs/zero3.json"  # ZeRO settings; relative to cwd, else the repo
     activation_checkpointing: bool = False  # recompute each layer in backward to save activations
     seed: int = 1234  # model init and any randomness; the data order has its own data.seed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,15 +26,34 @@ def setup_environment() -> int:
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env:
         env["RANK"] = env["SLURM_PROCID"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env["LOCAL_RANK"] = _slurm_device_index(env)
         env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
         env.setdefault("MASTER_ADDR", _slurm_first_host())
-        env.setdefault("MASTER_PORT", "29500")
+        env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0"))))
     if "RANK" not in env:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(free_port()))
     return int(env["WORLD_SIZE"])
+
+
+def _slurm_device_index(env: Mapping[str, str]) -> str:
+    """LOCAL_RANK under Slurm: the index of this task's GPU among those it sees (DeepSpeed and
+    init_distributed select the device by it).
+
+    Without GPU binding every task of a node sees all of the node's GPUs and takes number
+    SLURM_LOCALID. With binding (--gpus-per-task=1, --gpu-bind=single:1) CUDA_VISIBLE_DEVICES lists
+    only the task's own GPU, which is device 0 in the task: LOCALID modulo the devices it sees.
+    """
+    local = int(env.get("SLURM_LOCALID", "0"))
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return str(local % len(visible) if visible else local)
+
+
+def slurm_port(job_id: str) -> int:
+    """A rendezvous port of the job's own (20000-39999), so two jobs sharing a node do not collide;
+    launcher/slurm.sh derives the same."""
+    return 20000 + int(job_id) % 20000
 
 
 def _slurm_first_host() -> str:

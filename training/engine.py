@@ -60,6 +60,10 @@ def _owned_values(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
         "train_batch_size": plan.global_batch_size,
         "gradient_clipping": opt.grad_clip,
         "bf16.enabled": cfg.precision == "bf16",
+        "fp16.enabled": cfg.precision == "fp16",
+        # Gradients of half-precision runs accumulate over the micro-batches (up to 64 in the large
+        # recipes) in fp32, not in the parameters' dtype (DeepSpeed's default).
+        "data_types.grad_accum_dtype": "fp32",
         "optimizer.type": "AdamW",
         "optimizer.params.lr": opt.lr,
         "optimizer.params.betas": list(opt.betas),
@@ -95,21 +99,49 @@ def load_ds_config(path: Path, cfg: RunConfig, plan: BatchPlan) -> dict[str, Any
         raise ValueError(f"{path}: cannot read the DeepSpeed config ({e})") from e
     if "scheduler" in ds:
         raise ValueError(f"{path}: remove 'scheduler'; the learning-rate schedule is the run config's")
-    if ds.get("fp16", {}).get("enabled", False):
-        raise ValueError(f"{path}: fp16 is not supported; the run config's precision is fp32 or bf16")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2, 3):
         raise ValueError(f"{path}: zero_optimization.stage must be 1, 2 or 3, got {stage!r}")
     for key, value in _owned_values(cfg, plan).items():
         _fill(ds, key, value, path)
-    _fill_buckets(ds, zero_buckets(cfg.model_config(), stage), path)
+    offloaded = ds.get("zero_optimization", {}).get("offload_param", {}).get("device", "none") != "none"
+    _fill_buckets(ds, zero_buckets(cfg.model_config(), stage, params_offloaded=offloaded), path)
     _fill_nvme_offload(ds, cfg, path)
-    params = ds["optimizer"]["params"]
-    # CPU runs use torch.optim.AdamW: DeepSpeed's CPU Adam would have to be JIT-compiled.
-    if get_accelerator().device_name() == "cpu":
-        params.setdefault("torch_adam", True)
+    if ds.get("fp16", {}).get("enabled") and ds["fp16"].get("loss_scale", 0) == 0:
+        ds["fp16"].update({**FP16_DYNAMIC_LOSS_SCALE, **ds["fp16"]})
+    _fill_optimizer_kind(ds["optimizer"]["params"], ds, on_accelerator())
     ds.setdefault("steps_per_print", 10**9)  # our own logging replaces DeepSpeed's
     return ds
+
+
+# fp16: dynamic loss scaling (loss_scale 0) from 2^16, halved on an overflow (the step is skipped),
+# doubled after 1000 steps without one. The scaler's state is part of the optimizer checkpoint.
+FP16_DYNAMIC_LOSS_SCALE = {
+    "loss_scale": 0,
+    "initial_scale_power": 16,
+    "loss_scale_window": 1000,
+    "hysteresis": 2,
+    "min_loss_scale": 1,
+}
+
+
+def on_accelerator() -> bool:
+    return get_accelerator().device_name() != "cpu"
+
+
+def _fill_optimizer_kind(params: dict[str, Any], ds: dict[str, Any], accelerator: bool) -> None:
+    """Which AdamW DeepSpeed builds: torch's (`torch_adam`), nothing to compile on any node.
+
+    On an accelerator torch's fused kernel (`fused`; DeepSpeed's own FusedAdam would be JIT-compiled
+    with nvcc on first use). With the optimizer offloaded to CPU memory on a GPU node, DeepSpeed's
+    CPU Adam (built once with the host's C++ compiler, several times faster than torch's on CPU).
+    A value set in the JSON is the user's choice.
+    """
+    offloaded = ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
+    if not (accelerator and offloaded):
+        params.setdefault("torch_adam", True)
+    if accelerator and not offloaded:
+        params.setdefault("fused", True)
 
 
 def _fill(ds: dict[str, Any], dotted: str, value: Any, path: Path) -> None:
@@ -252,6 +284,10 @@ def write_weights(model: nn.Module, state: dict[str, torch.Tensor] | None) -> No
     `deepspeed.initialize`, so the optimizer's fp32 master copy is built from these weights.
     """
     partitioned = is_partitioned(model)
+    if not partitioned and dist.is_initialized():
+        # ZeRO-1/2 build the model on the host; NCCL broadcasts accelerator tensors only, so the
+        # model moves to this rank's device first (deepspeed.initialize would move it there anyway).
+        model.to(device())
     for prefix, module in model.named_modules():
         params = dict(module.named_parameters(prefix=prefix, recurse=False))
         if not params:
@@ -346,8 +382,41 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, t
     passes `check_safe_to_load` before DeepSpeed unpickles it.
     """
     check_checkpoint_files(checkpoint_dir, tag)
+    if _is_bf16_optimizer_checkpoint(Path(checkpoint_dir) / tag):
+        return _bf16_optimizer_state_dict(Path(checkpoint_dir) / tag)
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
+def _is_bf16_optimizer_checkpoint(path: Path) -> bool:
+    """ZeRO optimizers record their stage; BF16_Optimizer does not (its files are named like
+    ZeRO-3's in bf16: bf16_zero_pp_rank_*)."""
+    first = next(path.glob("*_optim_states.pt"), None)
+    if first is None:
+        return False
+    with torch.serialization.safe_globals(_checkpoint_globals()):
+        state = torch.load(first, map_location="cpu", weights_only=True, mmap=True)["optimizer_state_dict"]
+    return "zero_stage" not in state and "param_slice_mappings" in state
+
+
+def _bf16_optimizer_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a checkpoint of DeepSpeed's BF16_Optimizer (ZeRO-1 in bf16 with fp32
+    gradient accumulation), whose files zero_to_fp32 does not read: every rank's fp32 partition of
+    each parameter group, and where each parameter's slice lies in it (`param_slice_mappings`).
+    A parameter's slices, in rank order, make up the parameter."""
+    from deepspeed.utils import zero_to_fp32
+
+    model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(path)))
+    shapes = {name: shape for group in model_states[0].param_shapes for name, shape in group.items()}
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in shapes}
+    for file in zero_to_fp32.get_optim_files(str(path)):  # in rank order
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["optimizer_state_dict"]
+        for flat, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"]):
+            for name, address in mapping.items():
+                pieces[name].append(flat.narrow(0, address.start, address.numel))
+    weights = {name: torch.cat(pieces[name]).view(shape).clone() for name, shape in shapes.items()}
+    return {**model_states[0].buffers, **weights}
 
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")

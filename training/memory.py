@@ -4,8 +4,8 @@ Bytes per rank of a DeepSpeed ZeRO-3 run of N ranks with P parameters (p = bytes
 dtype: 4 for fp32, 2 for bf16):
 
     model states    weights p x P/N (plus "persistent" small tensors, whole on every rank),
-                    gradient partitions p x P/N, fp32 master copy 4 x P/N (also in fp32: DeepSpeed
-                    clones), Adam moments 8 x P/N
+                    gradient partitions 4 x P/N (accumulated in fp32), fp32 master copy 4 x P/N
+                    (also in fp32: DeepSpeed clones), Adam moments 8 x P/N
     gathered        the largest set of full tensors live at once, and in backward their full
                     gradients before the reduce-scatter: the two vocabulary tables of the pondering
                     mixture (softmax(embed_out(h)) @ embed_in), whose gradients autograd accumulates
@@ -92,15 +92,23 @@ def model_sizes(config: AdaPonderConfig) -> ModelSizes:
     )
 
 
-def zero_buckets(config: AdaPonderConfig, stage: int) -> dict[str, int]:
+def zero_buckets(config: AdaPonderConfig, stage: int, params_offloaded: bool = False) -> dict[str, int]:
     """ZeRO communication buckets and ZeRO-3 gathering limits (elements), from the model's size.
 
     Buckets follow DeepSpeed's / transformers' convention (reduce D^2, prefetch 0.9 D^2, persistent
-    below 10 D: biases and LayerNorms stay gathered). Live parameters are capped at what one step
-    needs at once: both vocabulary tables for the pondering mixture, or a layer and the next. The
-    reuse distance is one layer: with K passes every layer is used again within one pass's
-    parameters, and the DeepSpeed default (1e9 elements) kept the whole gathered model live. The
-    optimizer steps over sub-groups of at most two vocabulary tables' worth of this rank's
+    below 10 D: biases and LayerNorms stay gathered).
+
+    Gather once, ponder K times: with K > 1 passes every weight is used again one pass later, after
+    one pass's worth of other parameters. The reuse distance and the live-parameter limit are one
+    pass's parameters (the whole model), so ZeRO-3 keeps each weight it gathered in pass 1 for
+    passes 2..K and for the backward, instead of gathering every layer K times in forward and again
+    in backward (benchmarks/bench_gather.py: a K=4 step all-gathers about the bytes of a K=1 step).
+    This costs the whole model's gathered weights on every rank during the step (`MemoryPlan.gathered`;
+    5.6 GB in bf16 at 2.8B). A plain K=1 model, and a run whose parameters are offloaded to CPU
+    memory or NVMe (it offloads because the weights do not fit), keep DeepSpeed's usual economy: live
+    parameters capped at both vocabulary tables or two layers, reuse within one layer.
+
+    The optimizer steps over sub-groups of at most two vocabulary tables' worth of this rank's
     partition, so that its fp32 gradient copy and Adam temporaries stay that size (DeepSpeed's
     default, 1e9, is the whole partition below 1B parameters per rank).
     """
@@ -108,12 +116,13 @@ def zero_buckets(config: AdaPonderConfig, stage: int) -> dict[str, int]:
     if stage != 3:
         return {"reduce_bucket_size": d * d, "allgather_bucket_size": d * d}
     sizes = model_sizes(config)
+    ponders = config.num_passes > 1 and not params_offloaded
     return {
         "reduce_bucket_size": d * d,
         "stage3_prefetch_bucket_size": int(0.9 * d * d),
         "stage3_param_persistence_threshold": 10 * d,
-        "stage3_max_live_parameters": max(2 * sizes.table, 2 * sizes.layer),
-        "stage3_max_reuse_distance": sizes.layer,
+        "stage3_max_live_parameters": sizes.total if ponders else max(2 * sizes.table, 2 * sizes.layer),
+        "stage3_max_reuse_distance": sizes.total if ponders else sizes.layer,
         "sub_group_size": 2 * sizes.table,
     }
 
@@ -178,7 +187,8 @@ class MemoryPlan:
         stage = self.stage
         resident = math.ceil((sizes.total - persistent) / n) + persistent if stage == 3 else sizes.total
         weights = {"weights": p * resident}
-        grads = p * (sizes.total if stage == 1 else shard)
+        # Gradients accumulate over the micro-batches in fp32 (data_types.grad_accum_dtype).
+        grads = FP32 * (sizes.total if stage == 1 else shard)
         optim = {"fp32 master": FP32 * shard, "Adam moments": 2 * FP32 * shard}
         for where, group in (("offload_param", weights), ("offload_optimizer", optim)):
             device = self.zero.get(where, {}).get("device", "none")
@@ -208,7 +218,7 @@ class MemoryPlan:
 
     @property
     def dtype_bytes(self) -> int:
-        return 2 if self.precision == "bf16" else FP32
+        return 2 if self.precision in ("bf16", "fp16") else FP32
 
     def gathered(self, phase: str) -> int:
         """Full (gathered) weights live at once in `phase`, and in backward the full gradients that
@@ -226,13 +236,68 @@ class MemoryPlan:
             return 0  # ZeRO-1/2 keep every weight on every rank (counted in the model states)
         prefetch = int(self.zero.get("stage3_prefetch_bucket_size", 0))
         table, layer = self.sizes.table, self.sizes.layer + prefetch
-        if phase == "forward":
+        if self.gathers_once:
+            # Every weight stays gathered from its first use in forward to its last in backward;
+            # the mixture's backward adds its [V, D] contributions and their sum (3 tables).
+            whole = self.sizes.total
+            elements = whole if phase == "forward" else whole + 2 * table + self.shared_gradients + 3 * table
+        elif phase == "forward":
             elements = max(2 * table, layer)
         elif self.config.num_passes > 1:
             elements = 2 * table + self.shared_gradients + max(5 * table, 2 * layer)
         else:
             elements = 2 * max(table, layer)
         return elements * self.dtype_bytes
+
+    @property
+    def gathers_once(self) -> bool:
+        """ZeRO-3 keeps a gathered weight through the K passes and the backward: the reuse distance
+        and live-parameter limit hold one pass's parameters (`zero_buckets`)."""
+        if self.stage != 3 or self.config.num_passes == 1:
+            return False
+        limits = ("stage3_max_reuse_distance", "stage3_max_live_parameters")
+        return all(int(self.zero.get(key, 0)) >= self.sizes.total for key in limits)
+
+    def communication(self, accumulation: int) -> dict[str, int]:
+        """Bytes per optimizer step per rank through ZeRO's collectives: "gathered" (the full weights
+        all-gathered) and "reduced" (the full gradients reduce-scattered or all-reduced), counted as
+        benchmarks/bench_gather.py counts them. A ring collective moves (N - 1) / N of them through
+        each rank's link. Persistent tensors (below the persistence threshold) are never gathered.
+
+        ZeRO-3 gathers every other weight in forward and in backward of every micro-batch: once each
+        when it gathers once, else K times each (every pass); it reduce-scatters the gradients once
+        per micro-batch. ZeRO-2 reduce-scatters per micro-batch, ZeRO-1 all-reduces per step; both
+        all-gather the updated weights once per step.
+        """
+        p, total, k = self.dtype_bytes, self.sizes.total, self.config.num_passes
+        if self.stage == 3:
+            gathered = total - self.sizes.persistent(
+                int(self.zero.get("stage3_param_persistence_threshold", 0))
+            )
+            uses = 2 if self.gathers_once or k == 1 else 2 * k
+            return {"gathered": p * gathered * uses * accumulation, "reduced": p * total * accumulation}
+        reductions = accumulation if self.stage == 2 else 1
+        return {"gathered": p * total, "reduced": p * total * reductions}
+
+    def describe_communication(
+        self, accumulation: int, forward_flops_per_sample: float, link_gbs: float, sustained_tflops: float
+    ) -> str:
+        """Communication against compute per optimizer step per rank, for a stated interconnect."""
+        n = self.world_size
+        comm = self.communication(accumulation)
+        moved = (n - 1) / n * sum(comm.values())
+        comm_s = moved / (link_gbs * 1e9)
+        compute_s = 3 * forward_flops_per_sample * self.micro_batch * accumulation / (sustained_tflops * 1e12)
+        bound = "communication" if comm_s > compute_s else "compute"
+        once = ", each weight gathered once per forward and once per backward" if self.gathers_once else ""
+        return (
+            f"communication per step per rank (ZeRO-{self.stage}, {accumulation} micro-batches{once}): "
+            f"all-gathered {comm['gathered'] / GIB:.2f} GiB, reduced {comm['reduced'] / GIB:.2f} GiB; "
+            f"{moved / GIB:.2f} GiB through each rank's link over {n} ranks\n"
+            f"  at {link_gbs:g} GB/s per rank (ring collectives, no overlap): {comm_s:.2f} s; compute "
+            f"{compute_s:.2f} s at {sustained_tflops:g} TFLOP/s sustained (3 x forward FLOPs of K passes, "
+            f"dense) -> {bound}-bound, communication / compute {comm_s / compute_s:.2f}"
+        )
 
     @property
     def shared_gradients(self) -> int:
@@ -364,6 +429,14 @@ class MemoryPlan:
                 f"{fits[1]} without"
             )
         return "\n".join(lines)
+
+
+def dense_forward_flops(config: AdaPonderConfig, seq_len: int) -> float:
+    """Forward FLOPs of one sample of `seq_len` tokens with every token in every pass."""
+    from model.modeling import forward_flops
+
+    active = torch.ones(config.num_passes, 1, seq_len, dtype=torch.bool)
+    return float(forward_flops(config, active, torch.ones(1, seq_len, dtype=torch.bool))["dense_total"])
 
 
 def plan_memory(config: AdaPonderConfig, cfg: Any, world_size: int, ds_config: dict[str, Any]) -> MemoryPlan:

@@ -2,9 +2,11 @@
 rank 0 to TensorBoard (`<run_dir>/tensorboard/`), the console, and DeepSpeed's own monitors when the
 run enables them (csv_monitor, wandb: scalars only). docs/metrics.md lists every tag.
 
-FLOPs: the model reports the forward FLOPs of each batch as run adaptively (`total`) and with every
-token in every pass (`dense_total`, what training actually computes). Model FLOPs per training step
-are 3 x dense forward (forward + backward); with activation checkpointing the hardware does a 4th
+FLOPs: the model reports the forward FLOPs of each batch as run adaptively (`total`: halted tokens
+computed nowhere) and with every token in every pass (`dense_total`). Throughput and MFU count the
+passes actually run: the adaptive FLOPs when training skips halted tokens (`ponder.sparse_training`),
+the dense ones when it computes every token in every pass. Model FLOPs per training step
+are 3 x that forward (forward + backward); with activation checkpointing the hardware does a 4th
 forward, which MFU leaves out by convention. MFU divides by the device's peak dense TFLOP/s for the
 run's precision, looked up from the device's name (`detect_peak_tflops`); on CPU it is an estimate
 from the threads, clock and vector width, and says so; `logging.peak_tflops` overrides both.
@@ -72,7 +74,7 @@ def peak_memory_gib() -> float:
     return run_peak_gib()
 
 
-# Peak dense (no sparsity) TFLOP/s per device from the vendors' data sheets: (bf16, fp32). fp32 is
+# Peak dense (no sparsity) TFLOP/s per device from the vendors' data sheets: (bf16 or fp16, fp32). fp32 is
 # the non-tensor-core rate (PyTorch does not use TF32 for matmuls by default). Matched as a substring
 # of the device name, first match wins: more specific names come first.
 GPU_PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
@@ -91,6 +93,8 @@ GPU_PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
     ("L40S", 362.0, 91.6),
     ("L40", 181.0, 90.5),
     ("L4", 121.0, 30.3),
+    ("V100", 125.0, 15.7),  # no bf16: the half-precision column is fp16's
+    ("T4", 65.0, 8.1),
     ("MI300X", 1307.4, 163.4),
     ("MI250X", 383.0, 47.9),
 )
@@ -105,14 +109,14 @@ class PeakFlops:
 
 
 def detect_peak_tflops(precision: str, override: float | None = None) -> PeakFlops:
-    """Peak dense TFLOP/s of one rank's device for `precision` ("bf16" or "fp32")."""
+    """Peak dense TFLOP/s of one rank's device for `precision` ("bf16", "fp16" or "fp32")."""
     if override is not None:
         return PeakFlops(override, f"{override:g} TFLOP/s from logging.peak_tflops")
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         for key, bf16, fp32 in GPU_PEAK_TFLOPS:
             if key in name:
-                peak = bf16 if precision == "bf16" else fp32
+                peak = bf16 if precision in ("bf16", "fp16") else fp32
                 return PeakFlops(peak, f"{name}: {peak:g} TFLOP/s dense {precision} (data sheet)")
         return PeakFlops(None, f"{name} is not in the table of known GPUs: set logging.peak_tflops for MFU")
     return cpu_peak_tflops()
@@ -151,9 +155,16 @@ class TrainMeter:
     """
 
     def __init__(
-        self, num_passes: int, device: torch.device, num_gates: int = 0, halt_threshold: float = 1e-4
+        self,
+        num_passes: int,
+        device: torch.device,
+        num_gates: int = 0,
+        halt_threshold: float = 1e-4,
+        sparse: bool = False,
     ):
         self._k = num_passes
+        # The FLOPs the hardware ran: adaptive (slot 5) when training skips halted tokens, else dense.
+        self._run_flops = 5 if sparse else 4
         self._device = device
         self._num_gates = num_gates
         self.edges = gate_edges(halt_threshold)
@@ -195,7 +206,7 @@ class TrainMeter:
             self._sums += torch.tensor(state["sums"], dtype=torch.float64, device=self._device)
             gates = torch.tensor(state["gates"], dtype=torch.float64, device=self._device)
             self._gates += gates.reshape(self._gates.shape)
-        self._untimed = self._sums[3:5].clone()
+        self._untimed = self._sums[[3, self._run_flops]].clone()
         self.grad_norm = states[0]["grad_norm"]
 
     def add_micro_batch(self, out: Any) -> None:
@@ -248,7 +259,8 @@ class TrainMeter:
         gates = [gate_rows[u * width : (u + 1) * width] for u in range(self._num_gates)]
         lm, ponder, micro, tokens, dense_flops, adaptive_flops = total[:6]
         passes = total[6 : 6 + self._k]
-        model_tflops_per_rank = 3 * (dense_flops - untimed_flops) / elapsed / world / 1e12
+        run_flops = total[self._run_flops]
+        model_tflops_per_rank = 3 * (run_flops - untimed_flops) / elapsed / world / 1e12
         return {
             "lm_loss": lm / micro,
             "ponder_loss": ponder / micro,

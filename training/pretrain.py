@@ -38,7 +38,7 @@ from training.config import (  # noqa: E402
     read_config,
     resolve_path,
 )
-from training.memory import MemoryPlan, plan_memory  # noqa: E402
+from training.memory import MemoryPlan, dense_forward_flops, plan_memory  # noqa: E402
 from training.rank_status import RankStatus, failure_report  # noqa: E402
 from training.trainer import NonFiniteLossError, Trainer, format_summary, lock_run_dir  # noqa: E402
 
@@ -60,6 +60,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         help="device memory per rank for the largest micro-batch that fits "
         "(default: this machine's GPU; none on CPU)",
+    )
+    parser.add_argument(
+        "--link-gbs",
+        type=float,
+        default=25.0,
+        help="with --dry-run: collective bandwidth per rank in GB/s for the communication estimate "
+        "(default 25: one 200 Gb/s InfiniBand port per GPU)",
+    )
+    parser.add_argument(
+        "--sustained-tflops",
+        type=float,
+        default=400.0,
+        help="with --dry-run: sustained TFLOP/s per rank for the compute estimate (default 400: 40%% "
+        "of an H100's dense bf16 peak)",
     )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser.parse_args(argv)
@@ -101,6 +115,13 @@ def dry_run(args: argparse.Namespace) -> int:
         print(f"adaponder-train: configuration error: {e}", file=sys.stderr)
         return 2
     print(describe_plan(cfg, plan, ds_config, args.gpu_memory_gib))
+    memory = plan_memory(cfg.model_config(), cfg, plan.data_parallel_size, ds_config)
+    flops = dense_forward_flops(cfg.model_config(), cfg.seq_len)
+    print(
+        memory.describe_communication(
+            plan.gradient_accumulation_steps, flops, args.link_gbs, args.sustained_tflops
+        )
+    )
     return 0
 
 

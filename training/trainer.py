@@ -128,7 +128,9 @@ class Trainer:
         self.schedules = Schedules(cfg, plan)
         mc = self.model_config
         num_gates = mc.num_passes - 1 if mc.adaptive else 0
-        self.meter = TrainMeter(mc.num_passes, self.device, num_gates, mc.halt_threshold)
+        self.meter = TrainMeter(
+            mc.num_passes, self.device, num_gates, mc.halt_threshold, sparse=cfg.ponder.sparse_training
+        )
         if client is not None and "meter" in client:  # checkpoints from before it was saved lack it
             self.meter.load_state_dict(client["meter"], dist.rank(), plan.data_parallel_size)
         self.peak_flops = detect_peak_tflops(cfg.precision, cfg.logging.peak_tflops)
