@@ -39,7 +39,7 @@ from training.config import (  # noqa: E402
     resolve_path,
 )
 from training.memory import MemoryPlan, plan_memory  # noqa: E402
-from training.rank_status import RankStatus, failure_report  # noqa: E402
+from training.rank_status import RankStatus  # noqa: E402
 from training.trainer import NonFiniteLossError, Trainer, format_summary, lock_run_dir  # noqa: E402
 
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         status.report(
             f"adaponder-train: rank {dist.rank()} failed: {status.describe_self()}\n"
-            + failure_report(Path(cfg.run_dir), dist.rank(), world_size, status.run_id)
+            + status.failure_report()
         )
         return 1
     else:
