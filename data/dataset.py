@@ -318,13 +318,39 @@ def _build_split(
     return BlendedDataset(datasets, part_weights, schedule, fingerprint)
 
 
+def check_token_ids(shard: MMapIndexedDataset, vocab_size: int, cache_dir: str | None = None) -> None:
+    """Raise ValueError naming the shard, document and position of the first token id outside
+    [0, vocab_size). The shard's id range is read once (a full pass over the ``.bin``) and kept in the
+    index cache under the shard's content identity, so later launches read a few bytes."""
+    description = {"kind": "token-range", "version": 1, "shard": shard_identity(shard.prefix)}
+    cached = load_or_build(
+        _default_cache_dir(shard.prefix, cache_dir),
+        f"{Path(shard.prefix).name}_tokens_{_hash(description)[:20]}",
+        lambda: {"range": np.array(shard.token_id_range(), dtype=np.int64)},
+        {**description, "prefix": shard.prefix},
+    )
+    low, high = (int(v) for v in cached["range"])
+    if high < 0 or (low >= 0 and high < vocab_size):
+        return
+    found = shard.first_token_outside(vocab_size)
+    if found is None:  # the cache describes other content than the shard now holds
+        raise ValueError(f"{data_path(shard.prefix)}: the index cache's token-id range does not match it")
+    item, position, token = found
+    raise ValueError(
+        f"{data_path(shard.prefix)}: token id {token} at position {position} of document {item} is outside "
+        f"the model's vocabulary [0, {vocab_size}) (ids seen in the shard: {low}..{high}); tokenize it with "
+        "the model's tokenizer or set model.overrides.vocab_size"
+    )
+
+
 def build_datasets(
-    cfg: DataConfig, seq_len: int, num_samples: dict[str, int]
+    cfg: DataConfig, seq_len: int, num_samples: dict[str, int], vocab_size: int | None = None
 ) -> dict[str, SampleDataset | None]:
     """Train/valid/test datasets of ``seq_len + 1``-token int64 samples; None for an empty split.
 
     ``num_samples[split]`` is how many samples the run will draw; each dataset holds at least that many
-    (whole epochs). A split asked for 0 samples, or whose documents are empty, is None.
+    (whole epochs). A split asked for 0 samples, or whose documents are empty, is None. With
+    `vocab_size`, every shard used is checked to hold only ids below it (`check_token_ids`).
     """
     cfg.validate()
     if seq_len < 1:
@@ -337,4 +363,7 @@ def build_datasets(
     wanted = [s for s in SPLITS if num_samples.get(s, 0) > 0]
     prefixes = {p for s in wanted for p in _sources(cfg, s)[0]}
     shards = {p: MMapIndexedDataset(p) for p in sorted(prefixes)}
+    if vocab_size is not None:
+        for shard in shards.values():
+            check_token_ids(shard, vocab_size, cfg.cache_dir)
     return {s: _build_split(cfg, s, shards, seq_len, num_samples[s]) if s in wanted else None for s in SPLITS}

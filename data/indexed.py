@@ -217,6 +217,27 @@ class MMapIndexedDataset:
     def num_tokens(self) -> int:
         return len(self._tokens)
 
+    def token_id_range(self, chunk: int = 1 << 26) -> tuple[int, int]:
+        """(smallest, largest) token id of the whole ``.bin`` (a sequential read in ``chunk``-token
+        pieces); (0, -1) for an empty shard."""
+        low, high = 0, -1
+        for start in range(0, self.num_tokens, chunk):
+            part = self._tokens[start : start + chunk]
+            low = int(part.min()) if start == 0 else min(low, int(part.min()))
+            high = max(high, int(part.max()))
+        return low, high
+
+    def first_token_outside(self, vocab_size: int, chunk: int = 1 << 26) -> tuple[int, int, int] | None:
+        """(item, position in the item, id) of the first token id outside [0, vocab_size), or None."""
+        for start in range(0, self.num_tokens, chunk):
+            part = self._tokens[start : start + chunk]
+            bad = np.flatnonzero((part >= vocab_size) | (part < 0))
+            if len(bad):
+                flat = start + int(bad[0])
+                item = int(np.searchsorted(self.pointers // self.dtype.itemsize, flat, side="right")) - 1
+                return item, flat - int(self.pointers[item]) // self.dtype.itemsize, int(part[bad[0]])
+        return None
+
     # np.memmap pickles as a full copy of the data; DataLoader workers started by spawn or forkserver
     # reopen the files instead.
     def __getstate__(self) -> dict:

@@ -133,9 +133,13 @@ def fsync_path(path: Path) -> None:
 def write_durable(path: Path, data: str | bytes) -> None:
     """Replace `path` atomically: a reader sees the old or the new content, also after a power cut."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves the old file and nothing else
+        raise
     fsync_path(path.parent)

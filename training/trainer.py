@@ -192,6 +192,7 @@ class Trainer:
                 "train": self.cfg.data.first_sample() + self.plan.train_steps * self.plan.global_batch_size,
                 "valid": self.cfg.logging.eval_samples if eval_on else 0,
             },
+            vocab_size=self.model_config.vocab_size,
         )
         if eval_on and datasets["valid"] is None:
             raise ValueError(
