@@ -13,7 +13,7 @@ import numpy as np
 
 from data.config import DataConfig
 from data.indexed import MMapIndexedDataset, data_path, index_path
-from data.sample_index import INDEX_VERSION, build_blend_schedule, build_index
+from data.sample_index import INDEX_VERSION, build_blend_schedule, build_index, num_epochs_needed
 
 SPLITS = ("train", "valid", "test")
 # The fingerprint hashes this much of each end of a .idx: the head holds the header and first sizes,
@@ -155,6 +155,11 @@ class GPTDataset:
             "seed": seed,
         }
         self.fingerprint = _hash(description)
+        # The arrays depend on num_samples only through the number of epochs: more samples within
+        # the same epochs leave the order of every sample as it was.
+        tokens = int(shard.sizes[documents.start : documents.stop].sum(dtype=np.int64))
+        epochs = num_epochs_needed(tokens, seq_len, num_samples) if tokens else 0
+        self.order_fingerprint = _hash({**description, "num_samples": None, "num_epochs": epochs})
         self.index = load_or_build(
             _default_cache_dir(shard.prefix, cache_dir),
             f"{Path(shard.prefix).name}_{self.fingerprint[:20]}",
@@ -210,6 +215,15 @@ class PreshuffledDataset:
                 "seq_len": seq_len,
             }
         )
+        # File order, epoch after epoch: more samples never change the order of earlier ones.
+        self.order_fingerprint = _hash(
+            {
+                "kind": "preshuffled",
+                "shard": shard_identity(shard.prefix),
+                "documents": [documents.start, documents.stop],
+                "seq_len": seq_len,
+            }
+        )
 
     def __len__(self) -> int:
         return self.num_epochs * len(self.documents)
@@ -237,11 +251,13 @@ class BlendedDataset:
         weights: list[float],
         schedule: _CachedArrays,
         fingerprint: str,
+        order_fingerprint: str,
     ):
         self.datasets = datasets
         self.weights = weights
         self.schedule = schedule
         self.fingerprint = fingerprint
+        self.order_fingerprint = order_fingerprint  # the sample order, whatever the sample count
 
     def __len__(self) -> int:
         return len(self.schedule["dataset_index"])
@@ -315,7 +331,9 @@ def _build_split(
         for (shard, documents, _), count in zip(parts, counts)
     ]
     fingerprint = _hash({**description, "datasets": [d.fingerprint for d in datasets]})
-    return BlendedDataset(datasets, part_weights, schedule, fingerprint)
+    # Every prefix of the schedule is the schedule of fewer samples: the order is the parts' orders.
+    order = _hash({**description, "num_samples": None, "datasets": [d.order_fingerprint for d in datasets]})
+    return BlendedDataset(datasets, part_weights, schedule, fingerprint, order)
 
 
 def check_token_ids(shard: MMapIndexedDataset, vocab_size: int, cache_dir: str | None = None) -> None:

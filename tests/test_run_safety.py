@@ -374,3 +374,36 @@ def test_export_of_an_older_latest_says_it_reads_and_moves_nothing(source, tmp_p
     assert "moving aside" not in err and "resuming" not in err
     assert f"reading {checkpoints / tag_for(2)}" in err and f"not using the newer {tag_for(4)}" in err
     assert (checkpoints / tag_for(4)).is_dir()
+
+
+def test_a_resume_under_another_zero_stage_or_precision_is_refused_and_changes_nothing(
+    source, tmp_path, train_shards
+):
+    config, checkpoints = copy_of(source, tmp_path, train_shards)
+    (checkpoints / "latest").write_text(tag_for(2))  # a resume would move step 4 aside
+    before = listing(run_dir(config))
+    zero2 = f"deepspeed_config={REPO / 'ds_configs' / 'zero2.json'}"
+    for override, message in [(zero2, "ZeRO stage 3 (this launch: 2)"), ("precision=bf16", "precision fp32")]:
+        result = train(config, override, expect=2)
+        assert f"{checkpoints / tag_for(2)} was saved with {message}" in result.stderr, result.stderr[-2000:]
+        assert listing(run_dir(config)) == before  # nothing moved aside, `latest` as it was
+    state = json.loads((checkpoints / tag_for(4) / "train_state.json").read_text())
+    assert (state["zero_stage"], state["precision"]) == (3, "fp32")
+
+
+def test_exit_at_step_already_passed_is_refused(source, tmp_path, train_shards):
+    config, checkpoints = copy_of(source, tmp_path, train_shards)
+    result = train(config, "exit_at_step=3", expect=2)
+    assert "exit_at_step=3: the run is already at step 4" in result.stderr
+    assert latest_tag(checkpoints) == tag_for(4)
+
+
+def test_train_steps_raised_within_the_epoch_resumes_and_names_what_changed(source, tmp_path, train_shards):
+    config, checkpoints = copy_of(source, tmp_path, train_shards)
+    result = train(config, "train_steps=8", "exit_at_step=5", "optimizer.lr=0.002")
+    assert f"WARNING: resuming from {checkpoints / tag_for(4)} with settings changed since it was saved" in (
+        result.stdout
+    )
+    assert "optimizer.lr: 0.003 -> 0.002" in result.stdout and "train_steps: 6 -> 8" in result.stdout
+    assert "exit_at_step" not in result.stdout.split("settings changed", 1)[1].split("\n")[0]
+    assert summary(run_dir(config))["step"] == 5

@@ -83,6 +83,24 @@ def lock_run_dir(run_dir: Path) -> RunLock | None:
     return lock
 
 
+_PER_LAUNCH = {"exit_at_step"}  # settings of one launch, expected to differ between resumes
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf of two nested config dicts that differs."""
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        old, new = saved.get(key), current.get(key)
+        if name in _PER_LAUNCH:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += _config_differences(old, new, f"{name}.")
+        elif old != new:
+            differences.append(f"{name}: {old!r} -> {new!r}")
+    return differences
+
+
 class Trainer:
     """Builds data, model and engine for one run (resuming when the run holds a checkpoint) and trains."""
 
@@ -121,9 +139,13 @@ class Trainer:
             data_parallel_size=plan.data_parallel_size,
             fingerprint=self.datasets["train"].fingerprint,
             start_sample=cfg.data.first_sample(),
+            order_fingerprint=self.datasets["train"].order_fingerprint,
         )
         if client is not None:
             self.sampler.load_state_dict(client["sampler"], allow_data_change=cfg.data.allow_data_change)
+        if resume_tag is not None:
+            checkpoint.apply_choice(self.checkpoint_dir, self._choice)
+            dist.barrier()
         self._write_resolved_config()  # only once the resume is accepted: it describes the checkpoints
         self.schedules = Schedules(cfg, plan)
         mc = self.model_config
@@ -177,11 +199,42 @@ class Trainer:
                 f"{self.checkpoint_dir / tag}: the model config differs from the checkpoint's ({details}); "
                 "use a new run_dir to train a different model"
             )
+        self._check_resume_settings(tag, state)
         for message in choice.messages:
             dist.print0(f"WARNING: {message}")
-        checkpoint.apply_choice(self.checkpoint_dir, choice)
-        dist.barrier()
+        self._choice = choice  # applied (directories moved aside, `latest`) once every check passed
         return tag, state
+
+    def _check_resume_settings(self, tag: str, state: dict[str, Any]) -> None:
+        """Refuse what a checkpoint cannot resume under (another ZeRO stage or precision, an
+        exit_at_step already passed); name every other setting that changed since it was saved."""
+        where = self.checkpoint_dir / tag
+        saved_config = state.get("config", {})
+        now = {"ZeRO stage": ds.zero_stage(self.ds_config), "precision": self.cfg.precision}
+        saved = {
+            "ZeRO stage": state.get("zero_stage"),
+            "precision": state.get("precision", saved_config.get("precision")),
+        }
+        changed = [f"{k} {saved[k]} (this launch: {now[k]})" for k in now if saved[k] not in (None, now[k])]
+        if changed:
+            raise ValueError(
+                f"{where} was saved with {' and '.join(changed)}; its optimizer shards load only as they "
+                "were written: resume with the deepspeed_config stage and precision it was saved with, or "
+                "export it and start a new run from the export"
+            )
+        step = int(state["step"])
+        if self.cfg.exit_at_step is not None and self.cfg.exit_at_step <= step:
+            raise ValueError(
+                f"exit_at_step={self.cfg.exit_at_step}: the run is already at step {step} ({where}); "
+                "raise exit_at_step or drop it"
+            )
+        differences = _config_differences(saved_config, config_to_dict(self.cfg))
+        if differences:
+            dist.print0(
+                f"WARNING: resuming from {where} with settings changed since it was saved: "
+                + "; ".join(differences)
+                + " (config.yaml is rewritten with the new settings)"
+            )
 
     def _build_datasets(self) -> dict[str, Any]:
         eval_on = self.cfg.logging.eval_interval > 0 and self.cfg.logging.eval_samples > 0
@@ -455,6 +508,8 @@ class Trainer:
             **asdict(self.state),
             "sampler": self.sampler.state_dict(consumed_samples=self.state.consumed_samples),
             "world_size": self.plan.data_parallel_size,
+            "zero_stage": ds.zero_stage(self.ds_config),  # the optimizer shards' layout
+            "precision": self.cfg.precision,
             "config": config_to_dict(self.cfg),
             "model_config": json.loads(self.model_config.to_json_string()),
             "provenance": self.provenance,
