@@ -50,7 +50,12 @@ class _CachedArrays:
 
     def __init__(self, paths: dict[str, Path]):
         self.paths = paths
-        self.arrays = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
+        self.arrays = {}
+        for name, path in paths.items():
+            try:  # allow_pickle stays off: an index cache holds plain arrays only
+                self.arrays[name] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError, EOFError) as e:
+                raise ValueError(f"index cache {path}: unreadable ({e})") from None
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
@@ -114,8 +119,15 @@ def load_or_build(
         if not marker.is_file() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
             write()
         dist.barrier()
-    names = json.loads(marker.read_text())["arrays"]
-    return _CachedArrays({name: cache_dir / f"{stem}_{name}.npy" for name in names})
+    try:
+        names = json.loads(marker.read_text())["arrays"]
+        return _CachedArrays({name: cache_dir / f"{stem}_{name}.npy" for name in names})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        # Derived data, but shared by every rank and node: rebuilding it here could race a reader.
+        problem = str(e) if str(e).startswith("index cache") else f"index cache {marker}: unreadable ({e})"
+        raise ValueError(
+            f"{problem}; delete {cache_dir / stem}.json and {cache_dir / stem}_*.npy to rebuild it"
+        ) from None
 
 
 def _default_cache_dir(prefix: str, cache_dir: str | None) -> Path:

@@ -404,3 +404,17 @@ def test_more_samples_within_the_same_epochs_keep_the_order_and_resume(tmp_path)
         reshuffled.load_state_dict(saved.state_dict())
     with pytest.warns(UserWarning, match="reshuffled index"):
         reshuffled.load_state_dict(saved.state_dict(), allow_data_change=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "torn_marker"])
+def test_a_damaged_index_cache_is_named_with_what_to_delete(tmp_path, damage):
+    shard = write_shard(tmp_path / "c", np.full(20, 29))
+    GPTDataset(shard, range(len(shard)), 30, seq_len=8, seed=1)
+    cache = tmp_path / "index-cache"
+    victim = next(cache.glob("*_shuffle_idx.npy")) if damage != "torn_marker" else next(cache.glob("*.json"))
+    if damage == "truncated":
+        os.truncate(victim, victim.stat().st_size - 20)
+    else:
+        victim.write_bytes(victim.read_bytes()[:15] if damage == "torn_marker" else b"garbage")
+    with pytest.raises(ValueError, match=f"index cache {cache}/.*unreadable .*; delete {cache}/c_"):
+        GPTDataset(shard, range(len(shard)), 30, seq_len=8, seed=1)

@@ -3,6 +3,7 @@
 import gzip
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,24 @@ def test_generate_refuses_to_run_past_the_models_positions(tmp_path):
     ):
         generate_cli.generate(model, tokenizer, [" ".join(["w1"] * 60)], 8, None)
     assert len(generate_cli.generate(model, tokenizer, [" ".join(["w1"] * 60)], 4, None)[0][0]) <= 4
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seq_len=[", "override 'seq_len=[': the value '[' is not valid YAML"),
+        ("model.overrides.hidden_size=big", "model.overrides.hidden_size must be of type int, got 'big'"),
+        ("model.overrides.max_passes=x", "model.overrides.max_passes must be of type int or NoneType"),
+    ],
+)
+def test_a_malformed_override_value_is_a_clear_error(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, ["model.preset=tiny", "train_steps=1", "seq_len=32", override])
+
+
+def test_a_torn_tokenizer_config_is_named(tmp_path, train_shards):
+    shutil.copytree(train_shards[1], tmp_path / "tok")
+    config = tmp_path / "tok" / "tokenizer_config.json"
+    config.write_text(config.read_text()[:30])  # a copy cut short
+    with pytest.raises(ValueError, match=f"{config}: not a readable tokenizer config"):
+        load_tokenizer(str(tmp_path / "tok"))

@@ -88,10 +88,13 @@ def load_model(path: str | Path, tag: str | None = None) -> tuple[AdaPonderForCa
 def load_tokenizer(tokenizer: str) -> PreTrainedTokenizerBase:
     """A tokenizer directory or `tokenizer.json` file (what runs and exports carry)."""
     path = Path(tokenizer)
-    if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path))
-    if path.suffix == ".json" and path.is_file():
-        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    try:
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(str(path))
+        if path.suffix == ".json" and path.is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    except (OSError, ValueError) as e:  # a torn tokenizer_config.json is a bare JSONDecodeError
+        raise ValueError(f"tokenizer {tokenizer}: cannot load it ({type(e).__name__}: {e})") from None
     raise ValueError(f"tokenizer {tokenizer}: not a directory or tokenizer.json (pass --tokenizer)")
 
 
