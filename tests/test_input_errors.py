@@ -187,3 +187,19 @@ def test_a_torn_tokenizer_config_is_named(tmp_path, train_shards):
     config.write_text(config.read_text()[:30])  # a copy cut short
     with pytest.raises(ValueError, match=f"{config}: not a readable tokenizer config"):
         load_tokenizer(str(tmp_path / "tok"))
+
+
+class _UnbuildableDtype:
+    def __reduce__(self):
+        return (np.dtype, ("X9",))  # an allowlisted type with arguments it cannot build
+
+
+def test_a_checkpoint_file_with_an_unbuildable_numpy_dtype_is_named(tmp_path):
+    import torch
+
+    from training.engine import check_safe_to_load
+
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"rng": _UnbuildableDtype()}, path)
+    with pytest.raises(ValueError, match=f"{path}: unreadable checkpoint file \\(TypeError"):
+        check_safe_to_load(path)

@@ -384,7 +384,7 @@ def test_a_resume_under_another_zero_stage_or_precision_is_refused_and_changes_n
     before = listing(run_dir(config))
     zero2 = f"deepspeed_config={REPO / 'ds_configs' / 'zero2.json'}"
     for override, message in [(zero2, "ZeRO stage 3 (this launch: 2)"), ("precision=bf16", "precision fp32")]:
-        result = train(config, override, expect=2)
+        result = train(config, override, nproc=1, expect=2)
         assert f"{checkpoints / tag_for(2)} was saved with {message}" in result.stderr, result.stderr[-2000:]
         assert listing(run_dir(config)) == before  # nothing moved aside, `latest` as it was
     state = json.loads((checkpoints / tag_for(4) / "train_state.json").read_text())
@@ -393,7 +393,7 @@ def test_a_resume_under_another_zero_stage_or_precision_is_refused_and_changes_n
 
 def test_exit_at_step_already_passed_is_refused(source, tmp_path, train_shards):
     config, checkpoints = copy_of(source, tmp_path, train_shards)
-    result = train(config, "exit_at_step=3", expect=2)
+    result = train(config, "exit_at_step=3", nproc=1, expect=2)
     assert "exit_at_step=3: the run is already at step 4" in result.stderr
     assert latest_tag(checkpoints) == tag_for(4)
 
@@ -407,3 +407,19 @@ def test_train_steps_raised_within_the_epoch_resumes_and_names_what_changed(sour
     assert "optimizer.lr: 0.003 -> 0.002" in result.stdout and "train_steps: 6 -> 8" in result.stdout
     assert "exit_at_step" not in result.stdout.split("settings changed", 1)[1].split("\n")[0]
     assert summary(run_dir(config))["step"] == 5
+
+
+def test_an_export_racing_a_prune_is_a_clear_error(source, tmp_path, train_shards, monkeypatch, capsys):
+    import training.export as export_module
+
+    _, checkpoints = copy_of(source, tmp_path, train_shards)
+    read = export_module.consolidated_state_dict
+
+    def pruned_meanwhile(checkpoint_dir, tag):
+        (checkpoints / tag).rename(checkpoints / f"{tag}.pruning")  # what a live run's prune does first
+        return read(checkpoint_dir, tag)
+
+    monkeypatch.setattr(export_module, "consolidated_state_dict", pruned_meanwhile)
+    assert export_main([str(checkpoints.parent), str(tmp_path / "hf")]) == 2
+    assert f"checkpoint {checkpoints / tag_for(4)} changed while it was read" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

@@ -152,7 +152,14 @@ def load_checkpoint_model(
     config = AdaPonderConfig(**train_state["model_config"])
     with torch.device("meta"):
         model = AdaPonderForCausalLM(config)
-    state = match_state_dict(consolidated_state_dict(checkpoint_dir, tag), model, source=checkpoint_dir / tag)
+    try:
+        weights = consolidated_state_dict(checkpoint_dir, tag)
+    except OSError as e:  # verified a moment ago: something removed it since
+        raise ValueError(
+            f"checkpoint {checkpoint_dir / tag} changed while it was read ({e}); a live run may have pruned "
+            "it (checkpoint.keep_last): export a checkpoint the run keeps, or copy it first"
+        ) from None
+    state = match_state_dict(weights, model, source=checkpoint_dir / tag)
     model.load_state_dict(state, strict=True, assign=True)  # every parameter, gates included
     return model, train_state, checkpoint_dir / tag
 
