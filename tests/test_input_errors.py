@@ -4,8 +4,10 @@ import gzip
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +205,60 @@ def test_a_checkpoint_file_with_an_unbuildable_numpy_dtype_is_named(tmp_path):
     torch.save({"rng": _UnbuildableDtype()}, path)
     with pytest.raises(ValueError, match=f"{path}: unreadable checkpoint file \\(TypeError"):
         check_safe_to_load(path)
+
+
+def test_a_killed_writers_temporary_files_are_removed_by_the_next(tmp_path):
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host, prefix = socket.gethostname(), tmp_path / "shard"
+    stale = [tmp_path / f"shard.{ext}.{host}.{dead.pid}.tmp" for ext in ("bin", "idx")]
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    kept = [
+        tmp_path / f"shard.bin.{host}.{alive.pid}.tmp",  # still being written
+        tmp_path / f"shard.bin.other-host.{dead.pid}.tmp",  # a pid of another machine means nothing here
+    ]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    try:
+        with MMapIndexedDatasetBuilder(prefix, np.uint16) as builder:
+            builder.add_item([1, 2])
+            builder.end_document()
+            builder.finalize()
+    finally:
+        alive.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["shard.bin", "shard.idx", *(p.name for p in kept)]
+    )
+
+
+PREPROCESS_THAT_HANGS = """
+import sys, time
+import data.preprocess as preprocess
+def documents(*args, **kwargs):
+    yield "def f():\\n    return 1\\n" * 50
+    time.sleep(120)  # a slow source: the run is stopped here
+preprocess.iter_documents = documents
+preprocess._CHUNK_DOCS = 1
+sys.exit(preprocess.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_preprocess_leaves_no_temporary_files(tmp_path, train_shards):
+    (tmp_path / "in.txt").write_text("unused")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PREPROCESS_THAT_HANGS, "--input", str(tmp_path / "in.txt"), "--tokenizer",
+         train_shards[1], "--output-prefix", str(tmp_path / "out")],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("out.bin.*.tmp")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130, proc.stderr.read()
+    finally:
+        proc.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]

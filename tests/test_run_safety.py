@@ -40,6 +40,12 @@ def listing(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def run_state(files: dict[str, int]) -> dict[str, int]:
+    """A listing without run.lock and ranks/, which record each launch (its pid and host; its phase
+    and memory for failure reports: training/rank_status.py), not run state."""
+    return {k: v for k, v in files.items() if k != "run.lock" and not k.startswith("ranks/")}
+
+
 @pytest.mark.parametrize("damage", ["missing", "empty"])
 def test_without_a_usable_latest_the_newest_complete_checkpoint_is_resumed_and_none_deleted(
     damage, source, tmp_path, train_shards
@@ -67,11 +73,7 @@ def test_checkpoints_of_which_none_is_complete_are_an_error_not_a_fresh_start(so
     assert "holds checkpoints but none is complete and loadable" in result.stderr
     assert f"{checkpoints / tag_for(2) / SHARD} has 1000 bytes" in result.stderr
 
-    # Nothing deleted, moved, overwritten or started. run.lock and ranks/ record each launch (its pid
-    # and host; its phase and memory for failure reports: training/rank_status.py), not run state.
-    def run_state(files: dict[str, int]) -> dict[str, int]:
-        return {k: v for k, v in files.items() if k != "run.lock" and not k.startswith("ranks/")}
-
+    # Nothing deleted, moved, overwritten or started.
     assert run_state(listing(run_dir(config))) == run_state(before)
 
 
@@ -381,12 +383,12 @@ def test_a_resume_under_another_zero_stage_or_precision_is_refused_and_changes_n
 ):
     config, checkpoints = copy_of(source, tmp_path, train_shards)
     (checkpoints / "latest").write_text(tag_for(2))  # a resume would move step 4 aside
-    before = listing(run_dir(config))
+    before = run_state(listing(run_dir(config)))
     zero2 = f"deepspeed_config={REPO / 'ds_configs' / 'zero2.json'}"
     for override, message in [(zero2, "ZeRO stage 3 (this launch: 2)"), ("precision=bf16", "precision fp32")]:
         result = train(config, override, nproc=1, expect=2)
         assert f"{checkpoints / tag_for(2)} was saved with {message}" in result.stderr, result.stderr[-2000:]
-        assert listing(run_dir(config)) == before  # nothing moved aside, `latest` as it was
+        assert run_state(listing(run_dir(config))) == before  # nothing moved aside, `latest` as it was
     state = json.loads((checkpoints / tag_for(4) / "train_state.json").read_text())
     assert (state["zero_stage"], state["precision"]) == (3, "fp32")
 
