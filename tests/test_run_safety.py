@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -425,3 +426,28 @@ def test_an_export_racing_a_prune_is_a_clear_error(source, tmp_path, train_shard
     assert export_main([str(checkpoints.parent), str(tmp_path / "hf")]) == 2
     assert f"checkpoint {checkpoints / tag_for(4)} changed while it was read" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_preemption_notice_during_initialisation_stops_at_the_first_step_with_a_checkpoint(
+    tmp_path, train_shards
+):
+    config = make_config(tmp_path, train_shards, "preempted", **RUN)
+    status = run_dir(config) / "ranks" / "rank-0.json"
+    proc = subprocess.Popen(
+        command(config, nproc=1), env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not status.exists():  # written once the launch holds the run directory: initialising
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert (summary(run_dir(config))["status"], summary(run_dir(config))["step"]) == (
+        "stopped by signal (SIGTERM)",
+        1,
+    )
+    assert latest_tag(run_dir(config) / "checkpoints") == tag_for(1)

@@ -83,6 +83,25 @@ def lock_run_dir(run_dir: Path) -> RunLock | None:
     return lock
 
 
+class DeferredSignals:
+    """SIGTERM and SIGUSR1 (a scheduler's preemption notice) noted, never acted on where they land:
+    installed at launch, so that one arriving during the minutes of initialisation is not fatal but
+    stops the run at its first step boundary, checkpointed, like one arriving during training."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 _PER_LAUNCH = {"exit_at_step"}  # settings of one launch, expected to differ between resumes
 
 
@@ -104,8 +123,16 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: 
 class Trainer:
     """Builds data, model and engine for one run (resuming when the run holds a checkpoint) and trains."""
 
-    def __init__(self, cfg: RunConfig, plan: BatchPlan, ds_config: dict[str, Any], status: RankStatus):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        plan: BatchPlan,
+        ds_config: dict[str, Any],
+        status: RankStatus,
+        signals: DeferredSignals | None = None,
+    ):
         self.cfg, self.plan, self.ds_config = cfg, plan, ds_config
+        self.signals = signals  # a stop asked for since the launch (else from train() on)
         self.status = status  # this rank's phase and memory, for the other ranks' failure reports
         self.run_dir = Path(cfg.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -161,7 +188,6 @@ class Trainer:
             cfg.logging.progress_bar,
             monitor=self.engine.write_events,
         )
-        self._stop_signal: str | None = None
         self._first_loss: float | None = None
         self._last_train: dict[str, Any] = {}
         self._last_eval: dict[str, Any] | None = None
@@ -337,16 +363,19 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Train to the end, to `exit_at_step`, or to a SIGTERM/SIGUSR1; checkpoint; return a summary."""
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        own = self.signals is None
+        signals = self.signals or DeferredSignals()
         try:
+            self.signals = signals
             status = self._loop()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            if own:
+                signals.restore()
         return self._finish(status)
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._stop_signal = signal.Signals(signum).name
+    @property
+    def _stop_signal(self) -> str | None:
+        return self.signals.received if self.signals is not None else None
 
     def _loop(self) -> str:
         cfg, plan = self.cfg, self.plan
