@@ -160,7 +160,9 @@ class PeerWatch:
         now = time.monotonic()
         silence = {}
         for rank, record in statuses.items():
-            key = (record.get("run_id"), record.get("host"), record.get("pid"), record.get("beat"))
+            # A record without a counter still changes its own stamp at every write (any clock).
+            beat = record.get("beat", record.get("updated"))
+            key = (record.get("run_id"), record.get("host"), record.get("pid"), beat)
             seen = self._seen.get(rank)
             if seen is None or seen[0] != key:
                 seen = self._seen[rank] = (key, now)
