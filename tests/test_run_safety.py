@@ -387,7 +387,7 @@ def test_a_resume_under_another_zero_stage_or_precision_is_refused_and_changes_n
     before = run_state(listing(run_dir(config)))
     zero2 = f"deepspeed_config={REPO / 'ds_configs' / 'zero2.json'}"
     for override, message in [(zero2, "ZeRO stage 3 (this launch: 2)"), ("precision=bf16", "precision fp32")]:
-        result = train(config, override, nproc=1, expect=2)
+        result = train(config, override, expect=1)  # torchrun turns the exit status 2 into 1
         assert f"{checkpoints / tag_for(2)} was saved with {message}" in result.stderr, result.stderr[-2000:]
         assert run_state(listing(run_dir(config))) == before  # nothing moved aside, `latest` as it was
     state = json.loads((checkpoints / tag_for(4) / "train_state.json").read_text())

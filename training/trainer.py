@@ -242,11 +242,14 @@ class Trainer:
             "precision": state.get("precision", saved_config.get("precision")),
         }
         changed = [f"{k} {saved[k]} (this launch: {now[k]})" for k in now if saved[k] not in (None, now[k])]
-        if changed:
+        # On as many ranks as it was saved with, DeepSpeed loads the shards as written; on another
+        # number, the weights and Adam moments are rebuilt (_initial_weights), whatever the layout.
+        if changed and state.get("world_size") == self.plan.data_parallel_size:
             raise ValueError(
-                f"{where} was saved with {' and '.join(changed)}; its optimizer shards load only as they "
-                "were written: resume with the deepspeed_config stage and precision it was saved with, or "
-                "export it and start a new run from the export"
+                f"{where} was saved with {' and '.join(changed)}; on the same number of ranks its "
+                "optimizer shards load only as they were written: resume with the deepspeed_config stage "
+                "and precision it was saved with (or on another number of ranks, which rebuilds the state "
+                "from the consolidated weights)"
             )
         step = int(state["step"])
         if self.cfg.exit_at_step is not None and self.cfg.exit_at_step <= step:
