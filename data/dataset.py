@@ -13,7 +13,7 @@ import numpy as np
 
 from data.config import DataConfig
 from data.indexed import MMapIndexedDataset, data_path, index_path
-from data.sample_index import INDEX_VERSION, build_blend_schedule, build_index
+from data.sample_index import INDEX_VERSION, build_blend_schedule, build_index, num_epochs_needed
 
 SPLITS = ("train", "valid", "test")
 # The fingerprint hashes this much of each end of a .idx: the head holds the header and first sizes,
@@ -50,7 +50,12 @@ class _CachedArrays:
 
     def __init__(self, paths: dict[str, Path]):
         self.paths = paths
-        self.arrays = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
+        self.arrays = {}
+        for name, path in paths.items():
+            try:  # allow_pickle stays off: an index cache holds plain arrays only
+                self.arrays[name] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError, EOFError) as e:
+                raise ValueError(f"index cache {path}: unreadable ({e})") from None
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
@@ -114,8 +119,15 @@ def load_or_build(
         if not marker.is_file() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
             write()
         dist.barrier()
-    names = json.loads(marker.read_text())["arrays"]
-    return _CachedArrays({name: cache_dir / f"{stem}_{name}.npy" for name in names})
+    try:
+        names = json.loads(marker.read_text())["arrays"]
+        return _CachedArrays({name: cache_dir / f"{stem}_{name}.npy" for name in names})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        # Derived data, but shared by every rank and node: rebuilding it here could race a reader.
+        problem = str(e) if str(e).startswith("index cache") else f"index cache {marker}: unreadable ({e})"
+        raise ValueError(
+            f"{problem}; delete {cache_dir / stem}.json and {cache_dir / stem}_*.npy to rebuild it"
+        ) from None
 
 
 def _default_cache_dir(prefix: str, cache_dir: str | None) -> Path:
@@ -155,6 +167,11 @@ class GPTDataset:
             "seed": seed,
         }
         self.fingerprint = _hash(description)
+        # The arrays depend on num_samples only through the number of epochs: more samples within
+        # the same epochs leave the order of every sample as it was.
+        tokens = int(shard.sizes[documents.start : documents.stop].sum(dtype=np.int64))
+        epochs = num_epochs_needed(tokens, seq_len, num_samples) if tokens else 0
+        self.order_fingerprint = _hash({**description, "num_samples": None, "num_epochs": epochs})
         self.index = load_or_build(
             _default_cache_dir(shard.prefix, cache_dir),
             f"{Path(shard.prefix).name}_{self.fingerprint[:20]}",
@@ -210,6 +227,15 @@ class PreshuffledDataset:
                 "seq_len": seq_len,
             }
         )
+        # File order, epoch after epoch: more samples never change the order of earlier ones.
+        self.order_fingerprint = _hash(
+            {
+                "kind": "preshuffled",
+                "shard": shard_identity(shard.prefix),
+                "documents": [documents.start, documents.stop],
+                "seq_len": seq_len,
+            }
+        )
 
     def __len__(self) -> int:
         return self.num_epochs * len(self.documents)
@@ -237,11 +263,13 @@ class BlendedDataset:
         weights: list[float],
         schedule: _CachedArrays,
         fingerprint: str,
+        order_fingerprint: str,
     ):
         self.datasets = datasets
         self.weights = weights
         self.schedule = schedule
         self.fingerprint = fingerprint
+        self.order_fingerprint = order_fingerprint  # the sample order, whatever the sample count
 
     def __len__(self) -> int:
         return len(self.schedule["dataset_index"])
@@ -315,16 +343,44 @@ def _build_split(
         for (shard, documents, _), count in zip(parts, counts)
     ]
     fingerprint = _hash({**description, "datasets": [d.fingerprint for d in datasets]})
-    return BlendedDataset(datasets, part_weights, schedule, fingerprint)
+    # Every prefix of the schedule is the schedule of fewer samples: the order is the parts' orders.
+    order = _hash({**description, "num_samples": None, "datasets": [d.order_fingerprint for d in datasets]})
+    return BlendedDataset(datasets, part_weights, schedule, fingerprint, order)
+
+
+def check_token_ids(shard: MMapIndexedDataset, vocab_size: int, cache_dir: str | None = None) -> None:
+    """Raise ValueError naming the shard, document and position of the first token id outside
+    [0, vocab_size). The shard's id range is read once (a full pass over the ``.bin``) and kept in the
+    index cache under the shard's content identity, so later launches read a few bytes."""
+    description = {"kind": "token-range", "version": 1, "shard": shard_identity(shard.prefix)}
+    cached = load_or_build(
+        _default_cache_dir(shard.prefix, cache_dir),
+        f"{Path(shard.prefix).name}_tokens_{_hash(description)[:20]}",
+        lambda: {"range": np.array(shard.token_id_range(), dtype=np.int64)},
+        {**description, "prefix": shard.prefix},
+    )
+    low, high = (int(v) for v in cached["range"])
+    if high < 0 or (low >= 0 and high < vocab_size):
+        return
+    found = shard.first_token_outside(vocab_size)
+    if found is None:  # the cache describes other content than the shard now holds
+        raise ValueError(f"{data_path(shard.prefix)}: the index cache's token-id range does not match it")
+    item, position, token = found
+    raise ValueError(
+        f"{data_path(shard.prefix)}: token id {token} at position {position} of document {item} is outside "
+        f"the model's vocabulary [0, {vocab_size}) (ids seen in the shard: {low}..{high}); tokenize it with "
+        "the model's tokenizer or set model.overrides.vocab_size"
+    )
 
 
 def build_datasets(
-    cfg: DataConfig, seq_len: int, num_samples: dict[str, int]
+    cfg: DataConfig, seq_len: int, num_samples: dict[str, int], vocab_size: int | None = None
 ) -> dict[str, SampleDataset | None]:
     """Train/valid/test datasets of ``seq_len + 1``-token int64 samples; None for an empty split.
 
     ``num_samples[split]`` is how many samples the run will draw; each dataset holds at least that many
-    (whole epochs). A split asked for 0 samples, or whose documents are empty, is None.
+    (whole epochs). A split asked for 0 samples, or whose documents are empty, is None. With
+    `vocab_size`, every shard used is checked to hold only ids below it (`check_token_ids`).
     """
     cfg.validate()
     if seq_len < 1:
@@ -337,4 +393,7 @@ def build_datasets(
     wanted = [s for s in SPLITS if num_samples.get(s, 0) > 0]
     prefixes = {p for s in wanted for p in _sources(cfg, s)[0]}
     shards = {p: MMapIndexedDataset(p) for p in sorted(prefixes)}
+    if vocab_size is not None:
+        for shard in shards.values():
+            check_token_ids(shard, vocab_size, cfg.cache_dir)
     return {s: _build_split(cfg, s, shards, seq_len, num_samples[s]) if s in wanted else None for s in SPLITS}

@@ -18,8 +18,10 @@ GPT-NeoX's preprocessing produces and what Pythia's Pile shards contain.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import socket
 import struct
 import warnings
 from array import array
@@ -217,6 +219,27 @@ class MMapIndexedDataset:
     def num_tokens(self) -> int:
         return len(self._tokens)
 
+    def token_id_range(self, chunk: int = 1 << 26) -> tuple[int, int]:
+        """(smallest, largest) token id of the whole ``.bin`` (a sequential read in ``chunk``-token
+        pieces); (0, -1) for an empty shard."""
+        low, high = 0, -1
+        for start in range(0, self.num_tokens, chunk):
+            part = self._tokens[start : start + chunk]
+            low = int(part.min()) if start == 0 else min(low, int(part.min()))
+            high = max(high, int(part.max()))
+        return low, high
+
+    def first_token_outside(self, vocab_size: int, chunk: int = 1 << 26) -> tuple[int, int, int] | None:
+        """(item, position in the item, id) of the first token id outside [0, vocab_size), or None."""
+        for start in range(0, self.num_tokens, chunk):
+            part = self._tokens[start : start + chunk]
+            bad = np.flatnonzero((part >= vocab_size) | (part < 0))
+            if len(bad):
+                flat = start + int(bad[0])
+                item = int(np.searchsorted(self.pointers // self.dtype.itemsize, flat, side="right")) - 1
+                return item, flat - int(self.pointers[item]) // self.dtype.itemsize, int(part[bad[0]])
+        return None
+
     # np.memmap pickles as a full copy of the data; DataLoader workers started by spawn or forkserver
     # reopen the files instead.
     def __getstate__(self) -> dict:
@@ -226,13 +249,38 @@ class MMapIndexedDataset:
         self.__init__(state["prefix"])
 
 
+def _remove_dead_writers_files(prefix: str) -> None:
+    """Delete ``PREFIX.{bin,idx}.<host>.<pid>.tmp`` files of this host whose writer has died."""
+    host = socket.gethostname()
+    for final in (data_path(prefix), index_path(prefix)):
+        for path in glob.glob(glob.escape(final) + ".*.tmp"):
+            writer_host, _, pid = path[len(final) + 1 : -len(".tmp")].rpartition(".")
+            if writer_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+                continue  # another host's (its pid means nothing here), or still being written
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 class MMapIndexedDatasetBuilder:
     """Writes an ``MMIDIDX`` v1 pair. Nothing appears under the final names until ``finalize()``.
 
-    Tokens stream into ``PREFIX.bin.<pid>.tmp``; ``finalize()`` writes the index beside it and renames
-    the ``.bin`` then the ``.idx`` into place (readers need both, so an interrupted rename leaves no
-    readable pair). Used as a context manager, leaving the block without ``finalize()`` (an exception,
-    Ctrl-C) removes the temporary files.
+    Tokens stream into ``PREFIX.bin.<host>.<pid>.tmp``; ``finalize()`` writes the index beside it and
+    renames the ``.bin`` then the ``.idx`` into place (readers need both, so an interrupted rename
+    leaves no readable pair). Used as a context manager, leaving the block without ``finalize()`` (an
+    exception, Ctrl-C) removes the temporary files; those of a writer killed outright (SIGKILL) are
+    removed by the next builder of the same prefix on the same host, once their process is gone.
     """
 
     def __init__(self, out_prefix: str | os.PathLike, dtype: np.dtype | type):
@@ -240,7 +288,8 @@ class MMapIndexedDatasetBuilder:
         self.dtype = np.dtype(dtype)
         _dtype_code(self.dtype)  # fail before writing anything
         Path(self.out_prefix).parent.mkdir(parents=True, exist_ok=True)
-        suffix = f".{os.getpid()}.tmp"
+        _remove_dead_writers_files(self.out_prefix)
+        suffix = f".{socket.gethostname()}.{os.getpid()}.tmp"
         self._tmp_bin = data_path(self.out_prefix) + suffix
         self._tmp_idx = index_path(self.out_prefix) + suffix
         self._bin = open(self._tmp_bin, "wb")

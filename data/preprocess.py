@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     is_merge = bool(argv) and argv[0] == "merge"
     parser = _merge_parser() if is_merge else _preprocess_parser()
     args = parser.parse_args(argv[1:] if is_merge else argv)
+    # SIGTERM (a scheduler's stop, `kill`) ends it the way Ctrl-C does: the temporary files go.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if is_merge:
             documents = merge(args.inputs, args.output_prefix)
@@ -274,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; nothing written to {args.output_prefix}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(
         f"{stats.documents} documents ({stats.skipped_empty} empty skipped), {stats.tokens} tokens in "
         f"{stats.seconds:.1f}s ({stats.tokens_per_second:,.0f} tokens/s) -> {args.output_prefix}.{{bin,idx}}"

@@ -29,6 +29,7 @@ class PretrainingSampler:
         data_parallel_size: int,
         fingerprint: str,
         start_sample: int = 0,
+        order_fingerprint: str | None = None,
     ):
         if micro_batch_size < 1 or data_parallel_size < 1:
             raise ValueError(
@@ -45,6 +46,7 @@ class PretrainingSampler:
         self.data_parallel_rank = data_parallel_rank
         self.data_parallel_size = data_parallel_size
         self.fingerprint = fingerprint
+        self.order_fingerprint = order_fingerprint  # the order alone (the data minus its sample count)
         self._set_consumed(consumed_samples)
 
     def _set_consumed(self, consumed_samples: int) -> None:
@@ -75,6 +77,7 @@ class PretrainingSampler:
         return {
             "consumed_samples": self.consumed_samples if consumed_samples is None else consumed_samples,
             "fingerprint": self.fingerprint,
+            "order_fingerprint": self.order_fingerprint,
             "start_sample": self.start_sample,
         }
 
@@ -92,12 +95,20 @@ class PretrainingSampler:
                 "change when it resumes (use a new run_dir to start elsewhere)"
             )
         if state["fingerprint"] != self.fingerprint:
-            message = (
-                f"dataset fingerprint {self.fingerprint[:12]}... differs from the checkpoint's "
-                f"{str(state['fingerprint'])[:12]}...: the data, seq_len, seed, split, weights or "
-                "sample count changed since it was saved"
-            )
-            if not allow_data_change:
-                raise ValueError(message + " (set data.allow_data_change to resume anyway)")
-            warnings.warn(message + "; continuing at the saved sample count as allowed", stacklevel=2)
+            # Only the sample count moved, within the epochs the index already holds: same order.
+            saved_order = state.get("order_fingerprint")
+            if self.order_fingerprint is None or saved_order != self.order_fingerprint:
+                message = (
+                    f"dataset fingerprint {self.fingerprint[:12]}... differs from the checkpoint's "
+                    f"{str(state['fingerprint'])[:12]}...: the data, seq_len, seed, split, weights or "
+                    "the epochs the run needs (train_steps past an epoch) changed since it was saved"
+                )
+                if not allow_data_change:
+                    raise ValueError(message + " (set data.allow_data_change to resume anyway)")
+                warnings.warn(
+                    message + "; continuing at the saved sample count as allowed: the samples are now drawn "
+                    "from a reshuffled index, so the run does not see the samples the original run would "
+                    "have seen next (some repeat, some are skipped)",
+                    stacklevel=2,
+                )
         self._set_consumed(int(state["consumed_samples"]))

@@ -60,7 +60,13 @@ class HFTokenizer(Tokenizer):
     def _find_eod(backend, config_path: Path) -> int | None:
         names = list(_EOD_CANDIDATES)
         if config_path.is_file():
-            eos = json.loads(config_path.read_text()).get("eos_token")
+            try:
+                config = json.loads(config_path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{config_path}: not a readable tokenizer config ({e})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_path}: a tokenizer config must be a JSON object")
+            eos = config.get("eos_token")
             # Older configs store AddedToken dicts rather than plain strings.
             eos = eos.get("content") if isinstance(eos, dict) else eos
             if eos:

@@ -61,6 +61,14 @@ def generate(
     empty = [i + 1 for i, n in enumerate(batch["attention_mask"].sum(dim=1).tolist()) if n == 0]
     if empty:
         raise ValueError(f"prompt(s) {empty} give no tokens: a prompt needs at least one token to continue")
+    positions = model.config.max_position_embeddings
+    prompt_tokens = batch["input_ids"].shape[1]
+    if prompt_tokens + max_new_tokens > positions:
+        raise ValueError(
+            f"the longest prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} "
+            f"runs past the model's {positions} positions (max_position_embeddings): shorten the prompt "
+            "or ask for fewer tokens"
+        )
     cache = AdaPonderCache(model.config)
     # transformers' early-exit assisted decoding arguments, routed to model/speculative.py.
     assisted = {"assistant_early_exit": 1, "num_assistant_tokens": speculative} if speculative else {}

@@ -380,3 +380,41 @@ def test_preshuffled_order_rejects_items_of_the_wrong_length(tmp_path):
         build_datasets(cfg, 8, {"train": 3})
     with pytest.raises(ValueError, match="sample_order"):
         DataConfig(train_paths=[str(tmp_path / "pre")], sample_order="random").validate()
+
+
+def test_more_samples_within_the_same_epochs_keep_the_order_and_resume(tmp_path):
+    from data.sampler import PretrainingSampler
+
+    shard = write_shard(tmp_path / "o", np.random.default_rng(4).integers(5, 30, size=40))
+    one_epoch = (int(shard.sizes.sum()) - 1) // 8
+    few, more = (GPTDataset(shard, range(len(shard)), n, seq_len=8, seed=1) for n in (10, one_epoch))
+    past = GPTDataset(shard, range(len(shard)), one_epoch + 1, seq_len=8, seed=1)
+    assert few.fingerprint != more.fingerprint and few.order_fingerprint == more.order_fingerprint
+    assert past.order_fingerprint != few.order_fingerprint
+    for i in range(10):
+        np.testing.assert_array_equal(few[i], more[i])
+    saved = PretrainingSampler(10, 4, 2, 0, 1, few.fingerprint, order_fingerprint=few.order_fingerprint)
+    extended = PretrainingSampler(20, 0, 2, 0, 1, more.fingerprint, order_fingerprint=more.order_fingerprint)
+    extended.load_state_dict(saved.state_dict())  # train_steps raised within the epoch: accepted
+    assert extended.consumed_samples == 4
+    reshuffled = PretrainingSampler(
+        20, 0, 2, 0, 1, past.fingerprint, order_fingerprint=past.order_fingerprint
+    )
+    with pytest.raises(ValueError, match="train_steps past an epoch"):
+        reshuffled.load_state_dict(saved.state_dict())
+    with pytest.warns(UserWarning, match="reshuffled index"):
+        reshuffled.load_state_dict(saved.state_dict(), allow_data_change=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "torn_marker"])
+def test_a_damaged_index_cache_is_named_with_what_to_delete(tmp_path, damage):
+    shard = write_shard(tmp_path / "c", np.full(20, 29))
+    GPTDataset(shard, range(len(shard)), 30, seq_len=8, seed=1)
+    cache = tmp_path / "index-cache"
+    victim = next(cache.glob("*_shuffle_idx.npy")) if damage != "torn_marker" else next(cache.glob("*.json"))
+    if damage == "truncated":
+        os.truncate(victim, victim.stat().st_size - 20)
+    else:
+        victim.write_bytes(victim.read_bytes()[:15] if damage == "torn_marker" else b"garbage")
+    with pytest.raises(ValueError, match=f"index cache {cache}/.*unreadable .*; delete {cache}/c_"):
+        GPTDataset(shard, range(len(shard)), 30, seq_len=8, seed=1)

@@ -9,13 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from test_training_run import PRETRAIN, REPO, command, environment, make_config, run_dir, summary, train
 
-from training.checkpoint import _describe_own_files, latest_tag, tag_for, write_manifest
+from training.checkpoint import _describe_own_files, _prune, latest_tag, tag_for, write_manifest
 from training.export import main as export_main
 
 RUN = {"train_steps": 6, "checkpoint__interval": 2, "checkpoint__keep_last": 0, "logging__eval_interval": 0}
@@ -38,6 +39,12 @@ def copy_of(source: Path, tmp_path: Path, train_shards) -> tuple[Path, Path]:
 
 def listing(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_state(files: dict[str, int]) -> dict[str, int]:
+    """A listing without run.lock and ranks/, which record each launch (its pid and host; its phase
+    and memory for failure reports: training/rank_status.py), not run state."""
+    return {k: v for k, v in files.items() if k != "run.lock" and not k.startswith("ranks/")}
 
 
 @pytest.mark.parametrize("damage", ["missing", "empty"])
@@ -67,11 +74,7 @@ def test_checkpoints_of_which_none_is_complete_are_an_error_not_a_fresh_start(so
     assert "holds checkpoints but none is complete and loadable" in result.stderr
     assert f"{checkpoints / tag_for(2) / SHARD} has 1000 bytes" in result.stderr
 
-    # Nothing deleted, moved, overwritten or started. run.lock and ranks/ record each launch (its pid
-    # and host; its phase and memory for failure reports: training/rank_status.py), not run state.
-    def run_state(files: dict[str, int]) -> dict[str, int]:
-        return {k: v for k, v in files.items() if k != "run.lock" and not k.startswith("ranks/")}
-
+    # Nothing deleted, moved, overwritten or started.
     assert run_state(listing(run_dir(config))) == run_state(before)
 
 
@@ -216,7 +219,7 @@ def test_checkpoints_are_durable_before_latest_moves_and_pruned_only_after(tmp_p
         assert ("fsync", str(path)) in before  # the directory's entries
         assert ("fsync", str(checkpoints)) in after[:2]  # the rename of `latest` itself
         if step > 1:
-            pruned = events.index(("rmtree", str(checkpoints / tag_for(step - 1))))
+            pruned = events.index(("rmtree", str(checkpoints / f"{tag_for(step - 1)}.pruning")))
             assert pruned > moved
     assert sorted(p.name for p in checkpoints.glob("step-*")) == [tag_for(3)]
 
@@ -284,3 +287,167 @@ def test_zero1_and_zero2_checkpoints_pass_the_safe_loader_and_resume(tmp_path, t
     resumed = train(config, nproc=1)
     assert "resumed from" in resumed.stdout and "step-00000002" in resumed.stdout
     assert summary(run_dir(config))["status"] == "finished"
+
+
+def test_deleting_run_lock_does_not_free_a_live_run_directory(tmp_path):
+    from training.rundir import RunLock
+
+    held = RunLock(tmp_path)
+    try:
+        (tmp_path / "run.lock").unlink()  # "looks stale"
+        with pytest.raises(ValueError, match="is in use by another run"):
+            RunLock(tmp_path).close()
+        (tmp_path / "run.lock").write_text("someone else's file\n")  # replaced, not only deleted
+        with pytest.raises(ValueError, match="is in use by another run"):
+            RunLock(tmp_path).close()
+    finally:
+        held.close()
+    RunLock(tmp_path).close()  # free once its holder let go
+
+
+def test_pruning_keeps_a_symlinked_checkpoint_and_finishes_half_deleted_ones(
+    source, tmp_path, train_shards, capsys
+):
+    _, checkpoints = copy_of(source, tmp_path, train_shards)
+    archive = tmp_path / "archive" / tag_for(2)
+    archive.parent.mkdir()
+    (checkpoints / tag_for(2)).rename(archive)
+    (checkpoints / tag_for(2)).symlink_to(archive)  # an old checkpoint kept on another disk
+    half = checkpoints / f"{tag_for(1)}.pruning"  # a prune cut short by a crash
+    (half / "global_step1").mkdir(parents=True)
+    (half / "global_step1" / SHARD).write_bytes(b"x" * 10)
+    shutil.copytree(checkpoints / tag_for(4), checkpoints / tag_for(6))
+    _prune(checkpoints, keep_last=2)
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == [tag_for(2), tag_for(4), tag_for(6)]
+    assert (checkpoints / tag_for(2)).is_symlink() and listing(archive) == listing(
+        source / "checkpoints" / tag_for(2)
+    )
+
+
+def test_a_failing_prune_does_not_fail_the_save(source, tmp_path, train_shards, monkeypatch, capsys):
+    _, checkpoints = copy_of(source, tmp_path, train_shards)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    _prune(checkpoints, keep_last=1)  # after `latest` moved: a warning, not an error
+    assert "pruning old checkpoints" in capsys.readouterr().out
+    monkeypatch.undo()
+    _prune(checkpoints, keep_last=1)  # the next save finishes it
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == [tag_for(4)]
+
+
+def test_re_export_keeps_what_others_put_in_the_export(source, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert export_main([str(source), str(out)]) == 0
+    (out / "eval").mkdir()
+    (out / "eval" / "results.json").write_text("{}")
+    (out / "NOTES.md").write_text("mine")
+    assert export_main([str(source), str(out), "--tag", tag_for(2)]) == 0
+    assert json.loads((out / "export_info.json").read_text())["step"] == 2
+    assert (out / "eval" / "results.json").read_text() == "{}" and (out / "NOTES.md").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    # A file of the user's under a name the export writes is refused, not overwritten.
+    info = json.loads((out / "export_info.json").read_text())
+    info["files"].remove("config.json")
+    (out / "export_info.json").write_text(json.dumps(info))
+    assert export_main([str(source), str(out)]) == 2
+    assert "holds config.json, which the earlier export did not write" in capsys.readouterr().err
+    assert json.loads((out / "export_info.json").read_text())["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_export_through_a_symlink_writes_where_it_points(source, tmp_path):
+    real, link = tmp_path / "disk" / "hf", tmp_path / "hf"
+    real.parent.mkdir()
+    assert export_main([str(source), str(real), "--tag", tag_for(2)]) == 0
+    link.symlink_to(real)
+    assert export_main([str(source), str(link)]) == 0
+    assert link.is_symlink() and json.loads((real / "export_info.json").read_text())["step"] == 4
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert export_main([str(source), str(tmp_path / "dangling")]) == 2
+
+
+def test_export_of_an_older_latest_says_it_reads_and_moves_nothing(source, tmp_path, train_shards, capsys):
+    _, checkpoints = copy_of(source, tmp_path, train_shards)
+    (checkpoints / "latest").write_text(tag_for(2))
+    assert export_main([str(checkpoints.parent), str(tmp_path / "hf")]) == 0
+    err = capsys.readouterr().err
+    assert "moving aside" not in err and "resuming" not in err
+    assert f"reading {checkpoints / tag_for(2)}" in err and f"not using the newer {tag_for(4)}" in err
+    assert (checkpoints / tag_for(4)).is_dir()
+
+
+def test_a_resume_under_another_zero_stage_or_precision_is_refused_and_changes_nothing(
+    source, tmp_path, train_shards
+):
+    config, checkpoints = copy_of(source, tmp_path, train_shards)
+    (checkpoints / "latest").write_text(tag_for(2))  # a resume would move step 4 aside
+    before = run_state(listing(run_dir(config)))
+    zero2 = f"deepspeed_config={REPO / 'ds_configs' / 'zero2.json'}"
+    for override, message in [(zero2, "ZeRO stage 3 (this launch: 2)"), ("precision=bf16", "precision fp32")]:
+        result = train(config, override, expect=1)  # torchrun turns the exit status 2 into 1
+        assert f"{checkpoints / tag_for(2)} was saved with {message}" in result.stderr, result.stderr[-2000:]
+        assert run_state(listing(run_dir(config))) == before  # nothing moved aside, `latest` as it was
+    state = json.loads((checkpoints / tag_for(4) / "train_state.json").read_text())
+    assert (state["zero_stage"], state["precision"]) == (3, "fp32")
+
+
+def test_exit_at_step_already_passed_is_refused(source, tmp_path, train_shards):
+    config, checkpoints = copy_of(source, tmp_path, train_shards)
+    result = train(config, "exit_at_step=3", nproc=1, expect=2)
+    assert "exit_at_step=3: the run is already at step 4" in result.stderr
+    assert latest_tag(checkpoints) == tag_for(4)
+
+
+def test_train_steps_raised_within_the_epoch_resumes_and_names_what_changed(source, tmp_path, train_shards):
+    config, checkpoints = copy_of(source, tmp_path, train_shards)
+    result = train(config, "train_steps=8", "exit_at_step=5", "optimizer.lr=0.002")
+    assert f"WARNING: resuming from {checkpoints / tag_for(4)} with settings changed since it was saved" in (
+        result.stdout
+    )
+    assert "optimizer.lr: 0.003 -> 0.002" in result.stdout and "train_steps: 6 -> 8" in result.stdout
+    assert "exit_at_step" not in result.stdout.split("settings changed", 1)[1].split("\n")[0]
+    assert summary(run_dir(config))["step"] == 5
+
+
+def test_an_export_racing_a_prune_is_a_clear_error(source, tmp_path, train_shards, monkeypatch, capsys):
+    import training.export as export_module
+
+    _, checkpoints = copy_of(source, tmp_path, train_shards)
+    read = export_module.consolidated_state_dict
+
+    def pruned_meanwhile(checkpoint_dir, tag):
+        (checkpoints / tag).rename(checkpoints / f"{tag}.pruning")  # what a live run's prune does first
+        return read(checkpoint_dir, tag)
+
+    monkeypatch.setattr(export_module, "consolidated_state_dict", pruned_meanwhile)
+    assert export_main([str(checkpoints.parent), str(tmp_path / "hf")]) == 2
+    assert f"checkpoint {checkpoints / tag_for(4)} changed while it was read" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_preemption_notice_during_initialisation_stops_at_the_first_step_with_a_checkpoint(
+    tmp_path, train_shards
+):
+    config = make_config(tmp_path, train_shards, "preempted", **RUN)
+    status = run_dir(config) / "ranks" / "rank-0.json"
+    proc = subprocess.Popen(
+        command(config, nproc=1), env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not status.exists():  # written once the launch holds the run directory: initialising
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert (summary(run_dir(config))["status"], summary(run_dir(config))["step"]) == (
+        "stopped by signal (SIGTERM)",
+        1,
+    )
+    assert latest_tag(run_dir(config) / "checkpoints") == tag_for(1)

@@ -193,9 +193,10 @@ class Choice:
     rewrite_latest: bool = False
 
 
-def choose_checkpoint(checkpoint_dir: Path) -> Choice:
-    """Collective: the checkpoint to resume from, verified. Raises ValueError when checkpoints exist
-    but none is complete. Changes nothing on disk (see `apply_choice`)."""
+def choose_checkpoint(checkpoint_dir: Path, resuming: bool = True) -> Choice:
+    """Collective: the checkpoint to resume from (`resuming`; else to read, as an export does),
+    verified. Raises ValueError when checkpoints exist but none is complete. Changes nothing on disk
+    (see `apply_choice`)."""
     if not has_checkpoints(checkpoint_dir):
         return Choice(None)
     latest, latest_problem = _read_latest(checkpoint_dir)
@@ -223,8 +224,13 @@ def choose_checkpoint(checkpoint_dir: Path) -> Choice:
     newer = newest_first[: newest_first.index(path)]
     if newer or latest != path.name:
         which = "which `latest` names" if latest == path.name else "the newest complete checkpoint"
-        aside = f" (moving aside, not deleting: {', '.join(p.name for p in newer)})" if newer else ""
-        messages.append(f"resuming from {path}, {which}{aside}")
+        names = ", ".join(p.name for p in newer)
+        if resuming:
+            aside = f" (moving aside, not deleting: {names})" if newer else ""
+            messages.append(f"resuming from {path}, {which}{aside}")
+        else:
+            aside = f" (not using the newer {names}; left as they are)" if newer else ""
+            messages.append(f"reading {path}, {which}{aside}")
     return Choice(path.name, messages, newer, rewrite_latest=latest != path.name)
 
 
@@ -279,14 +285,43 @@ def save(
     return path
 
 
+PRUNING_SUFFIX = ".pruning"
+
+
 def _prune(checkpoint_dir: Path, keep_last: int) -> None:
-    """Delete complete checkpoints beyond the newest `keep_last`; never anything else."""
+    """Delete complete checkpoints beyond the newest `keep_last`; never anything else. A checkpoint is
+    first renamed `<tag>.pruning` (so a deletion cut short never looks like a checkpoint) and such
+    directories left by an earlier cut are finished off here. A symbolic link among the step
+    directories points at data kept elsewhere: it is neither followed nor removed. Called after
+    `latest` has moved, so nothing here fails the save: a problem is printed and left for the next."""
     if keep_last == 0:
         return
-    complete = [path for _, path in _step_dirs(checkpoint_dir) if _read_manifest(path)[1] is None]
-    for path in complete[:-keep_last]:
-        shutil.rmtree(path)
-    fsync_path(checkpoint_dir)
+    try:
+        complete = [
+            path
+            for _, path in _step_dirs(checkpoint_dir)
+            if not path.is_symlink() and _read_manifest(path)[1] is None
+        ]
+        doomed = [_rename_for_pruning(path) for path in complete[:-keep_last]]
+        doomed += [p for p in checkpoint_dir.glob(f"*{PRUNING_SUFFIX}*") if p not in doomed]
+        for path in doomed:
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()
+            else:
+                shutil.rmtree(path)
+        fsync_path(checkpoint_dir)
+    except OSError as e:
+        print(f"WARNING: pruning old checkpoints in {checkpoint_dir} failed ({e}); retried at the next save")
+
+
+def _rename_for_pruning(path: Path) -> Path:
+    target = path.with_name(path.name + PRUNING_SUFFIX)
+    n = 1
+    while target.exists() or target.is_symlink():
+        n += 1
+        target = path.with_name(f"{path.name}{PRUNING_SUFFIX}.{n}")
+    path.rename(target)
+    return target
 
 
 def capture_rng() -> dict[str, Any]:

@@ -58,6 +58,18 @@ class ModelConfig:
         unknown = sorted(set(self.overrides) - known)
         if unknown:
             raise ValueError(f"model.overrides: unknown AdaPonderConfig fields {unknown}")
+        hints = typing.get_type_hints(AdaPonderConfig.__init__)
+        for name, value in self.overrides.items():
+            if name not in hints:
+                continue
+            try:
+                self.overrides[name] = _coerce(value, hints[name], name, _Sources("", {}))
+            except ValueError:
+                expected = " or ".join(getattr(t, "__name__", str(t)) for t in typing.get_args(hints[name]))
+                raise ValueError(
+                    f"model.overrides.{name} must be of type {expected or hints[name].__name__}, "
+                    f"got {value!r} ({type(value).__name__})"
+                ) from None
 
 
 @dataclass
@@ -377,7 +389,13 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
         if not isinstance(child, dict):
             raise ValueError(f"override {item!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(text)
+    try:
+        node[parts[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(
+            f"override {item!r}: the value {text!r} is not valid YAML ({problem}); quote it to pass a string"
+        ) from None
     return key
 
 

@@ -365,7 +365,17 @@ def check_safe_to_load(path: Path) -> None:
             f"{path}: refused to load: it holds pickled objects other than the tensors and types DeepSpeed "
             f"writes, and loading it could run code from it ({reason})"
         ) from None
-    except (OSError, RuntimeError, EOFError) as e:
+    except (
+        OSError,
+        RuntimeError,
+        EOFError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        KeyError,
+        IndexError,
+    ) as e:
+        # An allowlisted type built from bad arguments (np.dtype("X9")) fails in its own way.
         raise ValueError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})") from None
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,8 +52,10 @@ from data.indexed import MMapIndexedDataset, data_path, index_path
 from model import AdaPonderConfig, AdaPonderForCausalLM
 from model.accounting import active_from_passes, forward_flops
 from training.export import load_checkpoint_model
+from training.rundir import write_durable
 
 POLICIES = ("uniform", "geometric")
+DEFAULT_SEQ_LEN = 512
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -85,10 +88,13 @@ def load_model(path: str | Path, tag: str | None = None) -> tuple[AdaPonderForCa
 def load_tokenizer(tokenizer: str) -> PreTrainedTokenizerBase:
     """A tokenizer directory or `tokenizer.json` file (what runs and exports carry)."""
     path = Path(tokenizer)
-    if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path))
-    if path.suffix == ".json" and path.is_file():
-        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    try:
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(str(path))
+        if path.suffix == ".json" and path.is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    except (OSError, ValueError) as e:  # a torn tokenizer_config.json is a bare JSONDecodeError
+        raise ValueError(f"tokenizer {tokenizer}: cannot load it ({type(e).__name__}: {e})") from None
     raise ValueError(f"tokenizer {tokenizer}: not a directory or tokenizer.json (pass --tokenizer)")
 
 
@@ -101,12 +107,14 @@ def document_windows(
     split: str | None = None,
     split_name: str = "valid",
     max_windows: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[list[np.ndarray], dict]:
     """Windows of at most `seq_len + 1` tokens, each inside one document, consecutive windows of a
     document sharing one token, so every token but a document's first is predicted exactly once.
 
     `split` cuts the shard into train/valid/test document ranges as `data.split` does for training
-    (DataConfig.split_fractions, split_range); None takes the whole shard.
+    (DataConfig.split_fractions, split_range); None takes the whole shard. With `vocab_size`, a token
+    id outside [0, vocab_size) is an error naming its document and position.
     """
     for path in (data_path(prefix), index_path(prefix)):
         if not Path(path).is_file():
@@ -124,6 +132,13 @@ def document_windows(
     windows: list[np.ndarray] = []
     for document in documents:
         tokens = shard[document].astype(np.int64)
+        if vocab_size is not None and len(tokens):
+            bad = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
+            if len(bad):
+                raise ValueError(
+                    f"--data {prefix}: token id {tokens[bad[0]]} at position {bad[0]} of document "
+                    f"{document} is outside the model's vocabulary [0, {vocab_size})"
+                )
         for start in range(0, len(tokens) - 1, seq_len):
             if max_windows is not None and len(windows) == max_windows:
                 break
@@ -569,6 +584,18 @@ def plot_nll_by_passes(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def check_output_dir(output: str | Path) -> None:
+    """Make `output` (a directory), or say why it cannot be one."""
+    try:
+        Path(output).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"--output {output}: it or a directory above it is a file") from None
+    except OSError as e:
+        raise ValueError(f"--output {output}: cannot create it ({e.strerror})") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {output}: not writable")
+
+
 def write_report(report: dict, output: str | Path) -> dict[str, Path]:
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -577,7 +604,7 @@ def write_report(report: dict, output: str | Path) -> dict[str, Path]:
         "quality": output / "quality_vs_compute.png",
         "nll": output / "nll_by_passes.png",
     }
-    paths["json"].write_text(json.dumps(report, indent=1))
+    write_durable(paths["json"], json.dumps(report, indent=1))  # a full disk keeps the old results
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -649,13 +676,21 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--sweep-max-passes {args.sweep_max_passes}: every cap must lie in [1, {k}]")
     if (thresholds or policies) and not model.config.adaptive:
         raise ValueError(f"{args.model}: not an adaptive model; --sweep-threshold / --policies need gates")
+    positions = model.config.max_position_embeddings
+    if args.seq_len is None:
+        args.seq_len = min(DEFAULT_SEQ_LEN, positions)
+    elif args.seq_len > positions:
+        raise ValueError(
+            f"--seq-len {args.seq_len} runs past the model's {positions} positions "
+            f"(max_position_embeddings): pass --seq-len {positions} or less"
+        )
     settings = learned_settings(model.config, thresholds, caps)
     model.to(args.device)
     torch.manual_seed(args.seed)
     report: dict[str, Any] = {"model": described, "data": None, "points": [], "tasks": {}}
     if args.data is not None:
         windows, report["data"] = document_windows(
-            args.data, args.seq_len, args.split, args.split_name, args.max_windows
+            args.data, args.seq_len, args.split, args.split_name, args.max_windows, model.config.vocab_size
         )
         report["points"] = perplexity_points(
             model, windows, settings, policies, args.batch_size, args.seed, progress=not args.no_progress
@@ -693,7 +728,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", help="train/valid/test proportions as data.split, e.g. 949,50,1 (default: whole shard)"
     )
     parser.add_argument("--split-name", default="valid", choices=SPLITS, help="which range of --split")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        help=f"tokens per window (default {DEFAULT_SEQ_LEN}, or the model's positions if fewer)",
+    )
     parser.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tasks", help="lm-eval tasks, comma-separated")
@@ -715,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     try:
+        check_output_dir(args.output)  # before the evaluation, which can take hours
         report = run(args)
         paths = write_report(report, args.output)
     except ValueError as e:

@@ -14,7 +14,10 @@ The checkpoint is verified against its manifest and every `.pt` file passes the 
 (`training.engine.check_safe_to_load`) before DeepSpeed reads it. The export is written to a
 temporary directory beside OUTPUT and renamed into place at the end, so OUTPUT is either complete or
 absent; an existing OUTPUT is replaced only when empty or an earlier export (it holds
-`export_info.json`).
+`export_info.json`), and then only what that export wrote (listed in `export_info.json`) is
+replaced: anything else there (an `eval/` folder, notes) is moved into the new export. A name the
+new export writes that the earlier one did not is refused, not overwritten. An OUTPUT that is a
+symbolic link is written where it points.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def checkpoint_dir_of(path: Path) -> Path:
 def _choose_tag(checkpoint_dir: Path, tag: str | None) -> str:
     """The requested tag, or the newest complete checkpoint; verified either way."""
     if tag is None:
-        choice = choose_checkpoint(checkpoint_dir)
+        choice = choose_checkpoint(checkpoint_dir, resuming=False)
         for message in choice.messages:
             print(f"adaponder-export: warning: {message}", file=sys.stderr)
         return choice.tag
@@ -67,6 +70,9 @@ def _choose_tag(checkpoint_dir: Path, tag: str | None) -> str:
 
 
 def _check_output(output_dir: Path) -> None:
+    if output_dir.is_symlink() and not output_dir.exists():
+        target = os.readlink(output_dir)
+        raise ValueError(f"output {output_dir} is a symbolic link to {target}, which does not exist")
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output {output_dir} exists and is not a directory")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / INFO_FILE).is_file():
@@ -76,16 +82,42 @@ def _check_output(output_dir: Path) -> None:
         )
 
 
+def _exported_names(output_dir: Path, new_names: set[str]) -> set[str]:
+    """The top-level names an earlier export in `output_dir` wrote: its own list, or (an export
+    from before the list was kept) what this export writes."""
+    try:
+        written = json.loads((output_dir / INFO_FILE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        written = None
+    if isinstance(written, list) and all(isinstance(name, str) for name in written):
+        return set(written) | {INFO_FILE}
+    return new_names | {INFO_FILE}
+
+
 def _move_into_place(staging: Path, output_dir: Path) -> None:
-    """Rename the finished export to `output_dir`, replacing an empty directory or an earlier export."""
-    old = None
-    if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.replaced-{os.getpid()}")
-        output_dir.rename(old)
+    """Rename the finished export to `output_dir`, replacing an empty directory or an earlier export;
+    files of the earlier directory that no export wrote move into the new one."""
+    if not output_dir.exists():
+        staging.rename(output_dir)
+        fsync_path(output_dir.parent)
+        return
+    new_names = {p.name for p in staging.iterdir()}
+    ours = _exported_names(output_dir, new_names)
+    foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in ours)
+    clash = [name for name in foreign if name in new_names]
+    if clash:
+        raise ValueError(
+            f"output {output_dir} holds {', '.join(clash)}, which the earlier export did not write and "
+            "this export would overwrite; move them away and export again"
+        )
+    old = output_dir.with_name(f".{output_dir.name}.replaced-{os.getpid()}")
+    output_dir.rename(old)
     staging.rename(output_dir)
+    for name in foreign:  # a crash here leaves them in `old`, beside OUTPUT, never deleted
+        (old / name).rename(output_dir / name)
+    fsync_path(output_dir)
     fsync_path(output_dir.parent)
-    if old is not None:
-        shutil.rmtree(old)
+    shutil.rmtree(old)  # only the earlier export's own files are left in it
 
 
 def _save_tokenizer(tokenizer: str | None, output_dir: Path) -> str:
@@ -120,7 +152,14 @@ def load_checkpoint_model(
     config = AdaPonderConfig(**train_state["model_config"])
     with torch.device("meta"):
         model = AdaPonderForCausalLM(config)
-    state = match_state_dict(consolidated_state_dict(checkpoint_dir, tag), model, source=checkpoint_dir / tag)
+    try:
+        weights = consolidated_state_dict(checkpoint_dir, tag)
+    except OSError as e:  # verified a moment ago: something removed it since
+        raise ValueError(
+            f"checkpoint {checkpoint_dir / tag} changed while it was read ({e}); a live run may have pruned "
+            "it (checkpoint.keep_last): export a checkpoint the run keeps, or copy it first"
+        ) from None
+    state = match_state_dict(weights, model, source=checkpoint_dir / tag)
     model.load_state_dict(state, strict=True, assign=True)  # every parameter, gates included
     return model, train_state, checkpoint_dir / tag
 
@@ -140,6 +179,8 @@ def export_checkpoint(
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     output_dir = Path(output_dir)
     _check_output(output_dir)
+    if output_dir.is_symlink():
+        output_dir = output_dir.resolve()  # write where it points; the link itself stays
     model, train_state, checkpoint = load_checkpoint_model(path, tag)
     model.to(DTYPES[dtype])
 
@@ -155,6 +196,7 @@ def export_checkpoint(
             "dtype": dtype,
             "tokenizer": tokenizer_note,
             "parameters": sum(t.numel() for t in model.state_dict().values()),
+            "files": sorted(p.name for p in staging.iterdir()) + [INFO_FILE],
         }
         (staging / INFO_FILE).write_text(json.dumps(info, indent=1))
         _move_into_place(staging, output_dir)

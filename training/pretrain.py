@@ -39,8 +39,14 @@ from training.config import (  # noqa: E402
     resolve_path,
 )
 from training.memory import MemoryPlan, dense_forward_flops, plan_memory  # noqa: E402
-from training.rank_status import RankStatus, failure_report  # noqa: E402
-from training.trainer import NonFiniteLossError, Trainer, format_summary, lock_run_dir  # noqa: E402
+from training.rank_status import RankStatus  # noqa: E402
+from training.trainer import (  # noqa: E402
+    DeferredSignals,
+    NonFiniteLossError,
+    Trainer,
+    format_summary,
+    lock_run_dir,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -141,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.dry_run:
         return dry_run(args)
+    signals = DeferredSignals()  # a preemption notice from here on stops at the first step boundary
+    try:
+        return _train(args, signals)
+    finally:
+        signals.restore()
+
+
+def _train(args: argparse.Namespace, signals: DeferredSignals) -> int:
     world_size = dist.setup_environment()
     try:
         cfg = load_config(args.config, args.overrides)
@@ -166,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         run_id=dist.broadcast_object(f"{os.getpid()}@{time.time()}"),
     )
     try:
-        trainer = Trainer(cfg, plan, ds_config, status)
+        trainer = Trainer(cfg, plan, ds_config, status, signals)
         dist.print0(format_summary(trainer.train()))
     except ValueError as e:  # a resume that does not fit, missing validation data, ...
         status.finish(e)
@@ -181,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         status.report(
             f"adaponder-train: rank {dist.rank()} failed: {status.describe_self()}\n"
-            + failure_report(Path(cfg.run_dir), dist.rank(), world_size, status.run_id)
+            + status.failure_report()
         )
         return 1
     else:

@@ -15,6 +15,17 @@ was doing and its last measured peak, and writes the same to `<run_dir>/ranks/fa
 that catches an exception records it ("failed") before exiting, so that the others report that
 instead.
 
+A rank on another host is judged by its heartbeat counter (`beat`, one more at every write): the
+watchdog notes, on this host's monotonic clock, when it last saw the counter change, and calls the
+rank silent after `10 * heartbeat_s` without a change. No clock of another machine is compared with
+this one's, so clock skew between hosts cannot make a live rank look dead. A status write that fails
+(a full disk, a network file system hiccup) is logged and retried at the next heartbeat; the thread
+never stops for it. After reporting a gone rank the watchdog waits `abort_after_s`, then ends this
+process only if the rank is still gone and this rank has made no progress meanwhile (a collective
+with a dead peer never returns), naming the rank in its last message.
+
+`ADAPONDER_HEARTBEAT_S` (default 2) and `ADAPONDER_ABORT_AFTER_S` (default 60) set the two times.
+
 Per-phase peaks on CPU come from the kernel's resident-size high-water mark (VmHWM), reset at the
 entry of each phase outside the steady loop through /proc/self/clear_refs; on a GPU from the
 caching allocator's peak, reset the same way. The first `breakdown_steps` steps' figures are kept
@@ -37,6 +48,7 @@ import torch
 GIB = 2**30
 STATUS_DIR = "ranks"
 FINISHED = ("exited", "failed")
+STALE_BEATS = 10  # a rank on another host is silent after this many heartbeats without one
 # The process's peaks over the run; per-phase resets of the kernel's and allocator's marks lose them.
 _RUN_PEAK = {"peak_rss_gib": 0.0, "device_peak_gib": 0.0}
 _RUN_PEAK_LOCK = threading.Lock()  # the status thread and the training thread (metrics) both note peaks
@@ -102,8 +114,60 @@ def status_path(run_dir: Path, rank: int) -> Path:
 
 def _write_json(path: Path, text: str) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not also collect half-written copies
+        raise
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable `name`, else `default`."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name}={text!r}: expected a positive number of seconds")
+    return value
+
+
+def _boot_id() -> str:
+    """This machine's boot id (Linux): two containers may share a hostname, never a boot id."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def same_host(record: dict[str, Any]) -> bool:
+    """Whether `record` was written on this machine, where its pid can be looked up."""
+    return record.get("host") == socket.gethostname() and record.get("boot_id", _boot_id()) == _boot_id()
+
+
+class PeerWatch:
+    """When each other rank's heartbeat last changed, on this host's monotonic clock."""
+
+    def __init__(self):
+        self._seen: dict[int, tuple[tuple, float]] = {}
+
+    def observe(self, statuses: dict[int, dict[str, Any]]) -> dict[int, float]:
+        """Seconds since each rank's heartbeat (its counter, pid or run) was last seen to change."""
+        now = time.monotonic()
+        silence = {}
+        for rank, record in statuses.items():
+            # A record without a counter still changes its own stamp at every write (any clock).
+            beat = record.get("beat", record.get("updated"))
+            key = (record.get("run_id"), record.get("host"), record.get("pid"), beat)
+            seen = self._seen.get(rank)
+            if seen is None or seen[0] != key:
+                seen = self._seen[rank] = (key, now)
+            silence[rank] = now - seen[1]
+        return silence
 
 
 class RankStatus:
@@ -115,10 +179,14 @@ class RankStatus:
         rank: int,
         world_size: int,
         run_id: str = "",
-        heartbeat_s: float = 2.0,
+        heartbeat_s: float | None = None,
         breakdown_steps: int = 2,
-        abort_after_s: float = 60.0,
+        abort_after_s: float | None = None,
     ):
+        if heartbeat_s is None:
+            heartbeat_s = env_seconds("ADAPONDER_HEARTBEAT_S", 2.0)
+        if abort_after_s is None:
+            abort_after_s = env_seconds("ADAPONDER_ABORT_AFTER_S", 60.0)
         self.run_dir, self.rank, self.world_size = Path(run_dir), rank, world_size
         self.path = status_path(run_dir, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +204,9 @@ class RankStatus:
             "rank": rank,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "boot_id": _boot_id(),
             "run_id": run_id,
+            "beat": 0,
             "started": time.time(),
             "baseline_rss_gib": resident_gib(),  # before the model is built
             **{
@@ -147,10 +217,14 @@ class RankStatus:
             "breakdown": {},
         }
         self.run_id = run_id
+        self.stale_s = STALE_BEATS * heartbeat_s
+        self._peers = PeerWatch()
+        self._peers_lock = threading.Lock()  # the watchdog thread and a failing training thread
         self._reported = False
+        self._write_failures = 0
         self._stop = threading.Event()
         self.enter("init")
-        self._flush()  # the launch is on disk before anything else can fail
+        self._try_flush()  # the launch is on disk before anything else can fail
         self._thread = threading.Thread(target=self._watch, name="rank-status", daemon=True)
         self._thread.start()
 
@@ -187,7 +261,7 @@ class RankStatus:
                 self._record["failed_in"] = {k: self._record.get(k) for k in ("phase", "step", "micro")}
                 self._record["error"] = f"{type(error).__name__}: {error}"[:2000]
             self._record.update(phase="failed" if error is not None else "exited", since=time.time())
-        self._flush()
+        self._try_flush()
 
     def describe_self(self) -> str:
         with self._lock:
@@ -212,6 +286,7 @@ class RankStatus:
             figures = memory_now(self._device)
             with self._lock:  # serialized inside: enter() may change the record (its breakdown too)
                 _note_peaks(figures)
+                self._record["beat"] += 1
                 self._record.update(figures, run_peak_rss_gib=_RUN_PEAK["peak_rss_gib"], updated=time.time())
                 if torch.cuda.is_available():
                     self._record["run_peak_device_gib"] = _RUN_PEAK["device_peak_gib"]
@@ -221,28 +296,82 @@ class RankStatus:
     # ----------------------------------------------------------------------------------------------
     # The other ranks.
 
+    def _try_flush(self) -> None:
+        """Write the record; a failed write is logged (its first and every 100th) and left to the
+        next heartbeat, never raised: the status file serves the run, it must not end it."""
+        try:
+            self._flush()
+        except Exception as e:  # OSError mostly (quota, full disk, NFS); whatever it is, go on
+            self._write_failures += 1
+            if self._write_failures % 100 == 1:
+                print(
+                    f"[rank {self.rank}] could not write its status file {self.path} "
+                    f"({type(e).__name__}: {e}); retrying at the next heartbeat "
+                    f"({self._write_failures} failed so far)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        else:
+            if self._write_failures:
+                print(
+                    f"[rank {self.rank}] status file written again after {self._write_failures} "
+                    "failed writes",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self._write_failures = 0
+
     def _watch(self) -> None:
-        """Write this rank's file when woken and at every heartbeat; then look at the other ranks."""
+        """Write this rank's file when woken and at every heartbeat; then look at the other ranks.
+        Nothing that goes wrong in one round ends the thread: the next heartbeat tries again."""
         next_beat = time.monotonic() + self._heartbeat_s
         while True:
             self._wake.wait(max(0.0, next_beat - time.monotonic()))
             self._wake.clear()  # before the write, which then holds whatever woke it
             if self._stop.is_set():
                 return
-            self._flush()
+            self._try_flush()
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self._heartbeat_s
-                self._check_peers()
+                try:
+                    self._check_peers()
+                except Exception as e:
+                    print(
+                        f"[rank {self.rank}] could not check the other ranks ({type(e).__name__}: {e})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+    def peer_report(self) -> tuple[str | None, list[int]]:
+        """The report naming every other rank that is gone (with their ranks), or (None, [])."""
+        statuses = read_statuses(self.run_dir, self.run_id)
+        with self._peers_lock:
+            silence = self._peers.observe(statuses)
+        return _peer_report(statuses, self.rank, self.world_size, self.stale_s, silence)
 
     def _check_peers(self) -> None:
         if self._reported:
             return
-        report = peer_failure_report(
-            self.run_dir, self.rank, self.world_size, 10 * self._heartbeat_s, self.run_id
-        )
+        report, gone = self.peer_report()
         if report is not None:
             self.report(report)
-            threading.Thread(target=self._abort_later, daemon=True).start()
+            threading.Thread(target=self._abort_later, args=(gone,), daemon=True).start()
+
+    def failure_report(self, wait_s: float | None = None) -> str:
+        """For this rank, which caught an error: the other ranks' fate. A peer on another host is
+        judged by its heartbeat, so wait up to `wait_s` (default: the silence that marks it gone)
+        for one to be seen gone; else their last status."""
+        deadline = time.monotonic() + (self.stale_s + self._heartbeat_s if wait_s is None else wait_s)
+        while True:
+            report, _ = self.peer_report()
+            if report is not None:
+                return report
+            if self.world_size <= 1 or time.monotonic() >= deadline:
+                break
+            time.sleep(min(self._heartbeat_s, 1.0))
+        statuses = read_statuses(self.run_dir, self.run_id)
+        others = [describe_rank(statuses[r]) for r in sorted(statuses) if r != self.rank]
+        return "no other rank is known to have failed; their last status: " + ("; ".join(others) or "none")
 
     def report(self, text: str) -> None:
         """Print the failure report once (stderr, through the launcher) and keep it in the run dir."""
@@ -256,12 +385,33 @@ class RankStatus:
         except OSError:
             pass
 
-    def _abort_later(self) -> None:
-        """A collective with a dead peer can hang for the backend's timeout (NCCL: 30 min): leave."""
+    def _progress(self) -> tuple:
+        with self._lock:
+            return tuple(self._record.get(k) for k in ("phase", "step", "micro"))
+
+    def _abort_later(self, gone: list[int]) -> None:
+        """A collective with a dead peer can hang for the backend's timeout (NCCL: 30 min): leave,
+        but only if the peer is still gone and this rank has not moved on meanwhile (it could not,
+        were the peer really gone)."""
+        before = self._progress()
         if self._stop.wait(self._abort_after_s):
             return
+        try:
+            _, still_gone = self.peer_report()
+        except Exception:
+            still_gone = gone  # the run directory cannot be read: judge by this rank's progress alone
+        if self._progress() != before or not set(gone) & set(still_gone):
+            print(
+                f"[rank {self.rank}] not exiting: rank(s) {', '.join(map(str, gone))} reported above "
+                "are running again or this rank has made progress since",
+                file=sys.stderr,
+                flush=True,
+            )
+            self._reported = False  # report again should it really go
+            return
+        names = ", ".join(map(str, sorted(set(gone) & set(still_gone))))
         print(
-            f"[rank {self.rank}] exiting: another rank is gone and this rank has not returned from "
+            f"[rank {self.rank}] exiting: rank {names} is gone and this rank has not returned from "
             f"'{self._record.get('phase')}' in {self._abort_after_s:.0f} s",
             file=sys.stderr,
             flush=True,
@@ -276,7 +426,8 @@ def read_statuses(run_dir: Path, run_id: str | None = None) -> dict[int, dict[st
     for path in sorted((Path(run_dir) / STATUS_DIR).glob("rank-*.json")):
         try:
             record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            int(record["rank"])
+        except (OSError, ValueError, TypeError, KeyError):  # torn or foreign: not a status
             continue
         if run_id is None or record.get("run_id") == run_id:
             statuses[int(record["rank"])] = record
@@ -291,31 +442,39 @@ def _process_alive(pid: int) -> bool:
     return state not in ("Z", "X")  # a zombie has died; its parent has not collected it yet
 
 
-def rank_gone(record: dict[str, Any], stale_s: float) -> str | None:
-    """Why a rank that has not exited cleanly is no longer running, or None while it runs."""
+def rank_gone(record: dict[str, Any], stale_s: float, silent_s: float | None = None) -> str | None:
+    """Why a rank that has not exited cleanly is no longer running, or None while it runs.
+    `silent_s`: how long its heartbeat has been seen unchanged on this host's clock (None: not
+    observed, so a rank on another host counts as running)."""
     if record.get("phase") == "failed":
         return "failed"
     if record.get("phase") == "exited":
         return None
-    if record.get("host") == socket.gethostname():
+    if same_host(record):
         return None if _process_alive(int(record["pid"])) else "died"
-    age = time.time() - float(record.get("updated", 0))
-    return f"silent for {age:.0f} s" if age > stale_s else None
+    if silent_s is not None and silent_s > stale_s:
+        return f"silent for {silent_s:.0f} s (no heartbeat seen on this host's clock)"
+    return None
 
 
-def describe_rank(record: dict[str, Any]) -> str:
+def describe_rank(record: dict[str, Any], silent_s: float | None = None) -> str:
     where = record.get("failed_in") or record
     doing = where.get("phase")
     if where.get("step") is not None:
         doing = f"{doing} of step {where['step']}"
     if where.get("micro") is not None:
         doing += f", micro-batch {where['micro']}"
-    since = time.time() - float(record.get("since", time.time()))
+    # Durations from the record's own stamps are only meaningful on the clock that wrote them.
+    local = same_host(record)
+    since = time.time() - float(record.get("since", time.time())) if local else 0.0
+    ago = f"{time.time() - float(record.get('updated', 0)):.0f} s ago" if local else None
+    if silent_s is not None:
+        ago = f"{silent_s:.0f} s ago"
     text = (
         f"rank {record['rank']} (pid {record['pid']} on {record['host']}) was in {doing}; "
-        f"resident memory {record.get('rss_gib', 0):.2f} GiB at its last report "
-        f"({time.time() - float(record.get('updated', 0)):.0f} s ago), "
-        f"peak {record.get('run_peak_rss_gib', 0):.2f} GiB"
+        f"resident memory {record.get('rss_gib', 0):.2f} GiB at its last report"
+        + (f" ({ago})" if ago else "")
+        + f", peak {record.get('run_peak_rss_gib', 0):.2f} GiB"
     )
     if "run_peak_device_gib" in record:
         text += f", accelerator peak {record['run_peak_device_gib']:.2f} GiB"
@@ -326,20 +485,23 @@ def describe_rank(record: dict[str, Any]) -> str:
     return text
 
 
-def peer_failure_report(
-    run_dir: Path, rank: int, world_size: int, stale_s: float, run_id: str | None = None
-) -> str | None:
-    """A report naming every other rank that has died or failed, or None while all run."""
-    statuses = read_statuses(run_dir, run_id)
+def _peer_report(
+    statuses: dict[int, dict[str, Any]],
+    rank: int,
+    world_size: int,
+    stale_s: float,
+    silence: dict[int, float] | None = None,
+) -> tuple[str | None, list[int]]:
+    silence = silence or {}
     gone = []
     for other in range(world_size):
         if other == rank or other not in statuses:
             continue
-        why = rank_gone(statuses[other], stale_s)
+        why = rank_gone(statuses[other], stale_s, silence.get(other))
         if why is not None:
             gone.append((other, why))
     if not gone:
-        return None
+        return None, []
     lines = []
     for other, why in gone:
         record = statuses[other]
@@ -349,20 +511,24 @@ def peer_failure_report(
                 "died (its process is gone: a SIGKILL, e.g. the kernel's OOM killer, leaves no error; "
                 "see dmesg)"
             )
-        lines.append(f"rank {other} {cause}: {describe_rank(record)}")
+        lines.append(f"rank {other} {cause}: {describe_rank(record, silence.get(other))}")
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB if hasattr(os, "sysconf") else 0
     lines.append(
         f"host memory {total:.1f} GiB; this rank ({rank}) holds {resident_gib():.2f} GiB; "
         "a collective error on the surviving ranks follows from this"
     )
-    return "\n".join(lines)
+    return "\n".join(lines), [other for other, _ in gone]
 
 
-def failure_report(run_dir: Path, rank: int, world_size: int, run_id: str, stale_s: float = 20.0) -> str:
-    """For a rank that caught an error: the other ranks' fate, or their last status if all run."""
-    report = peer_failure_report(run_dir, rank, world_size, stale_s, run_id)
-    if report is not None:
-        return report
-    statuses = read_statuses(run_dir, run_id)
-    others = [describe_rank(statuses[r]) for r in sorted(statuses) if r != rank]
-    return "no other rank is known to have failed; their last status: " + ("; ".join(others) or "none")
+def peer_failure_report(
+    run_dir: Path,
+    rank: int,
+    world_size: int,
+    stale_s: float,
+    run_id: str | None = None,
+    silence: dict[int, float] | None = None,
+) -> str | None:
+    """A report naming every other rank that has died or failed, or None while all run. A rank on
+    another host counts as gone only when `silence` (seconds its heartbeat has been seen unchanged,
+    on this host's clock: PeerWatch) says so."""
+    return _peer_report(read_statuses(run_dir, run_id), rank, world_size, stale_s, silence)[0]

@@ -83,11 +83,56 @@ def lock_run_dir(run_dir: Path) -> RunLock | None:
     return lock
 
 
+class DeferredSignals:
+    """SIGTERM and SIGUSR1 (a scheduler's preemption notice) noted, never acted on where they land:
+    installed at launch, so that one arriving during the minutes of initialisation is not fatal but
+    stops the run at its first step boundary, checkpointed, like one arriving during training."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+_PER_LAUNCH = {"exit_at_step"}  # settings of one launch, expected to differ between resumes
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf of two nested config dicts that differs."""
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        old, new = saved.get(key), current.get(key)
+        if name in _PER_LAUNCH:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += _config_differences(old, new, f"{name}.")
+        elif old != new:
+            differences.append(f"{name}: {old!r} -> {new!r}")
+    return differences
+
+
 class Trainer:
     """Builds data, model and engine for one run (resuming when the run holds a checkpoint) and trains."""
 
-    def __init__(self, cfg: RunConfig, plan: BatchPlan, ds_config: dict[str, Any], status: RankStatus):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        plan: BatchPlan,
+        ds_config: dict[str, Any],
+        status: RankStatus,
+        signals: DeferredSignals | None = None,
+    ):
         self.cfg, self.plan, self.ds_config = cfg, plan, ds_config
+        self.signals = signals  # a stop asked for since the launch (else from train() on)
         self.status = status  # this rank's phase and memory, for the other ranks' failure reports
         self.run_dir = Path(cfg.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -121,9 +166,13 @@ class Trainer:
             data_parallel_size=plan.data_parallel_size,
             fingerprint=self.datasets["train"].fingerprint,
             start_sample=cfg.data.first_sample(),
+            order_fingerprint=self.datasets["train"].order_fingerprint,
         )
         if client is not None:
             self.sampler.load_state_dict(client["sampler"], allow_data_change=cfg.data.allow_data_change)
+        if resume_tag is not None:
+            checkpoint.apply_choice(self.checkpoint_dir, self._choice)
+            dist.barrier()
         self._write_resolved_config()  # only once the resume is accepted: it describes the checkpoints
         self.schedules = Schedules(cfg, plan)
         mc = self.model_config
@@ -141,7 +190,6 @@ class Trainer:
             cfg.logging.progress_bar,
             monitor=self.engine.write_events,
         )
-        self._stop_signal: str | None = None
         self._first_loss: float | None = None
         self._last_train: dict[str, Any] = {}
         self._last_eval: dict[str, Any] | None = None
@@ -179,11 +227,45 @@ class Trainer:
                 f"{self.checkpoint_dir / tag}: the model config differs from the checkpoint's ({details}); "
                 "use a new run_dir to train a different model"
             )
+        self._check_resume_settings(tag, state)
         for message in choice.messages:
             dist.print0(f"WARNING: {message}")
-        checkpoint.apply_choice(self.checkpoint_dir, choice)
-        dist.barrier()
+        self._choice = choice  # applied (directories moved aside, `latest`) once every check passed
         return tag, state
+
+    def _check_resume_settings(self, tag: str, state: dict[str, Any]) -> None:
+        """Refuse what a checkpoint cannot resume under (another ZeRO stage or precision, an
+        exit_at_step already passed); name every other setting that changed since it was saved."""
+        where = self.checkpoint_dir / tag
+        saved_config = state.get("config", {})
+        now = {"ZeRO stage": ds.zero_stage(self.ds_config), "precision": self.cfg.precision}
+        saved = {
+            "ZeRO stage": state.get("zero_stage"),
+            "precision": state.get("precision", saved_config.get("precision")),
+        }
+        changed = [f"{k} {saved[k]} (this launch: {now[k]})" for k in now if saved[k] not in (None, now[k])]
+        # On as many ranks as it was saved with, DeepSpeed loads the shards as written; on another
+        # number, the weights and Adam moments are rebuilt (_initial_weights), whatever the layout.
+        if changed and state.get("world_size") == self.plan.data_parallel_size:
+            raise ValueError(
+                f"{where} was saved with {' and '.join(changed)}; on the same number of ranks its "
+                "optimizer shards load only as they were written: resume with the deepspeed_config stage "
+                "and precision it was saved with (or on another number of ranks, which rebuilds the state "
+                "from the consolidated weights)"
+            )
+        step = int(state["step"])
+        if self.cfg.exit_at_step is not None and self.cfg.exit_at_step <= step:
+            raise ValueError(
+                f"exit_at_step={self.cfg.exit_at_step}: the run is already at step {step} ({where}); "
+                "raise exit_at_step or drop it"
+            )
+        differences = _config_differences(saved_config, config_to_dict(self.cfg))
+        if differences:
+            dist.print0(
+                f"WARNING: resuming from {where} with settings changed since it was saved: "
+                + "; ".join(differences)
+                + " (config.yaml is rewritten with the new settings)"
+            )
 
     def _build_datasets(self) -> dict[str, Any]:
         eval_on = self.cfg.logging.eval_interval > 0 and self.cfg.logging.eval_samples > 0
@@ -194,6 +276,7 @@ class Trainer:
                 "train": self.cfg.data.first_sample() + self.plan.train_steps * self.plan.global_batch_size,
                 "valid": self.cfg.logging.eval_samples if eval_on else 0,
             },
+            vocab_size=self.model_config.vocab_size,
         )
         if eval_on and datasets["valid"] is None:
             raise ValueError(
@@ -285,16 +368,19 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Train to the end, to `exit_at_step`, or to a SIGTERM/SIGUSR1; checkpoint; return a summary."""
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        own = self.signals is None
+        signals = self.signals or DeferredSignals()
         try:
+            self.signals = signals
             status = self._loop()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            if own:
+                signals.restore()
         return self._finish(status)
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._stop_signal = signal.Signals(signum).name
+    @property
+    def _stop_signal(self) -> str | None:
+        return self.signals.received if self.signals is not None else None
 
     def _loop(self) -> str:
         cfg, plan = self.cfg, self.plan
@@ -454,6 +540,8 @@ class Trainer:
             **asdict(self.state),
             "sampler": self.sampler.state_dict(consumed_samples=self.state.consumed_samples),
             "world_size": self.plan.data_parallel_size,
+            "zero_stage": ds.zero_stage(self.ds_config),  # the optimizer shards' layout
+            "precision": self.cfg.precision,
             "config": config_to_dict(self.cfg),
             "model_config": json.loads(self.model_config.to_json_string()),
             "provenance": self.provenance,
