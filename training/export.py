@@ -7,7 +7,6 @@ model's own source files travel along (`model.remote_code`), so the directory lo
 
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
     AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)   # or PreTrainedTokenizerFast
-
     lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --tasks ...
 
 and, where this package is imported, without `trust_remote_code`. (`AutoTokenizer` reads config.json
