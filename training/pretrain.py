@@ -5,6 +5,7 @@
     python training/pretrain.py --config RUN.yaml            # one process
     adaponder-train --config RUN.yaml                        # the same, installed
     adaponder-train --config RUN.yaml --dry-run --world-size 8 --gpu-memory-gib 80   # the plan only
+    adaponder-train --print-config [--config RUN.yaml] [key.sub=value ...]   # every key, explained
 
 The config is loaded, validated and checked against the number of ranks, the tokenizer and the
 DeepSpeed JSON before any process group starts. A run directory that holds a checkpoint resumes
@@ -33,6 +34,7 @@ from training import engine as ds  # noqa: E402
 from training.config import (  # noqa: E402
     BatchPlan,
     RunConfig,
+    describe_config,
     load_config,
     plan_batches,
     read_config,
@@ -51,6 +53,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dry-run",
         action="store_true",
         help="print the batch arithmetic and memory plan per rank, then exit",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (defaults < --config < overrides), every key with its meaning "
+        "and default as comments, then exit",
     )
     parser.add_argument(
         "--world-size", type=int, help="ranks to plan for with --dry-run (default: the launcher's, else 1)"
@@ -116,8 +124,21 @@ def check_vocabulary(cfg: RunConfig, model_config: AdaPonderConfig) -> None:
         )
 
 
+def print_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = read_config(args.config, args.overrides)  # not validated: files may live elsewhere
+    except ValueError as e:
+        print(f"adaponder-train: configuration error: {e}", file=sys.stderr)
+        return 2
+    sources = " < ".join([args.config] * bool(args.config) + ["overrides"] * bool(args.overrides))
+    print(describe_config(cfg, sources or "nothing else"), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.print_config:
+        return print_config(args)
     if args.dry_run:
         return dry_run(args)
     world_size = dist.setup_environment()
