@@ -1,6 +1,7 @@
 """An export is readable by colleagues and its tokenizer is ready for batched use (1-rank CPU run)."""
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -62,3 +63,47 @@ for tok in (AutoTokenizer.from_pretrained({str(tmp_path / "export")!r}, trust_re
     assert result.stdout.splitlines() == ["pad <|endoftext|> max 256"] * 2
     settings = (Path(tmp_path / "export") / "tokenizer_config.json").read_text()
     assert "local_files_only" not in settings
+
+
+def pythia_directory(root: Path, tokenizer: str) -> Path:
+    """A tiny GPT-NeoX (Pythia-format) Hugging Face directory with the run's tokenizer."""
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=128, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False,
+    )  # fmt: skip
+    GPTNeoXForCausalLM(config).save_pretrained(root)
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(root)
+    return root
+
+
+def test_every_command_takes_a_run_its_checkpoint_an_export_or_a_pythia_directory(
+    run, tmp_path, train_shards, capsys
+):
+    from launcher.generate import main as generate
+    from training.evaluate import load_model
+
+    export_checkpoint(run, tmp_path / "export")
+    pythia = pythia_directory(tmp_path / "pythia", train_shards[1])
+    names = [  # (path, tag)
+        (run, None),
+        (run, "step-00000001"),
+        (run, "latest"),
+        (run / "checkpoints", None),
+        (run / "checkpoints" / "step-00000001", None),
+        (tmp_path / "export", None),
+        (pythia, None),
+    ]
+    for path, tag in names:
+        tag_args = ["--tag", tag] if tag else []
+        args = ["--model", str(path), *tag_args, "--prompt", "def f(", "--max-new-tokens", "2", "--greedy"]
+        assert generate(args) == 0
+        assert re.search(r"\(\d tokens, [\d.]+ of 4 passes per token\)", capsys.readouterr().out), path
+        model, tokenizer, described = load_model(path, tag)
+        assert tokenizer is not None and described["parameters"] > 0, path
+    assert load_model(pythia)[2]["kind"] == "gpt_neox checkpoint"
+    with pytest.raises(ValueError, match="not a run directory"):
+        load_model(tmp_path / "export", "step-00000001")
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(tmp_path)
