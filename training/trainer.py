@@ -281,7 +281,7 @@ class Trainer:
             f"batch: {self.plan.describe()}",
             f"model: {total:,} parameters, {cfg.num_passes} passes, adaptive={cfg.adaptive}; "
             f"stored per rank: {self.parameter_counts['per_rank']}",
-            f"initial weights: {self.provenance}",
+            f"initial weights: {_describe_provenance(self.provenance)}",
             f"MFU peak: {self.peak_flops.source}",
         ]
         if resume_tag is not None:
@@ -565,6 +565,19 @@ def _provenance(root: Path) -> dict[str, Any]:
         if path.is_file() and path.suffix in (".json", ".safetensors", ".bin", ".model"):
             files[path.name] = checkpoint.sha256_file(path)
     return {"init": "pretrained", "init_from": str(root.resolve()), "sha256": files}
+
+
+def _describe_provenance(provenance: dict[str, Any]) -> str:
+    """One short line: the files' checksums are in every checkpoint's train_state.json."""
+    if provenance.get("init") == "pretrained":
+        files = provenance.get("sha256", {})
+        return (
+            f"{provenance['init_from']} ({len(files)} files; their sha256 in each checkpoint's "
+            "train_state.json, `provenance`)"
+        )
+    if provenance.get("init") == "random":
+        return f"random (preset {provenance.get('preset')}, seed {provenance.get('seed')})"
+    return str(provenance)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
