@@ -27,6 +27,8 @@ if __package__ in (None, ""):
     # where our config.py, engine.py ... would shadow top-level modules; put the repository there.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import torch  # noqa: E402
+
 from data.tokenizer import load_tokenizer  # noqa: E402
 from model import AdaPonderConfig  # noqa: E402
 from training import distributed as dist  # noqa: E402
@@ -40,7 +42,7 @@ from training.config import (  # noqa: E402
     read_config,
     resolve_path,
 )
-from training.memory import MemoryPlan, plan_memory  # noqa: E402
+from training.memory import MemoryPlan, host_allocator, plan_memory  # noqa: E402
 from training.rank_status import RankStatus, failure_report  # noqa: E402
 from training.trainer import NonFiniteLossError, Trainer, format_summary, lock_run_dir  # noqa: E402
 
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return dry_run(args)
     world_size = dist.setup_environment()
+    # A CPU-only run's memory plan counts live tensors; glibc must give freed ones back (memory.py).
+    allocator = host_allocator() if not torch.cuda.is_available() else None
     try:
         cfg = load_config(args.config, args.overrides)
         plan, ds_config = preflight(cfg, world_size)
@@ -159,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if dist.is_main_process():
         print(describe_plan(cfg, plan, ds_config, args.gpu_memory_gib), flush=True)
+        if allocator:
+            print(f"host allocator: {allocator}", flush=True)
     status = RankStatus(
         Path(cfg.run_dir),
         dist.rank(),
