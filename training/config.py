@@ -17,6 +17,7 @@ import importlib.util
 import inspect
 import io
 import math
+import re
 import textwrap
 import tokenize
 import types
@@ -322,7 +323,22 @@ def read_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     sources = _Sources(str(path or "defaults"), {})
     for item in overrides:
         sources.overrides[_apply_override(raw, item)] = item
-    return _build(RunConfig, raw, "", sources)
+    cfg = _build(RunConfig, raw, "", sources)
+    if cfg.data.tokenizer is None and cfg.model.init_from is not None:
+        # A Pythia / PonderLM directory carries the tokenizer its shards were made with.
+        init_from = Path(cfg.model.init_from)
+        if any((init_from / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            cfg.data.tokenizer = str(init_from)
+    return cfg
+
+
+def preset_of_checkpoint_name(init_from: str) -> str | None:
+    """The Pythia preset a checkpoint directory's name says it has the shape of (`pythia-1.4b`,
+    `PonderingPythia-1.4B`, `pythia-410m-deduped` ...), or None: what a --dry-run plans with when
+    the weights are not on the planning machine."""
+    match = re.search(r"pythia-?(\d+(?:\.\d+)?[mb])", Path(init_from).name.lower())
+    preset = f"pythia-{match.group(1)}" if match else None
+    return preset if preset in PRESETS else None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from it. Exit status: 0 when training finished or stopped cleanly (exit_at_step,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -39,6 +40,7 @@ from training.config import (  # noqa: E402
     describe_config,
     load_config,
     plan_batches,
+    preset_of_checkpoint_name,
     read_config,
     resolve_path,
 )
@@ -103,7 +105,7 @@ def describe_plan(cfg: RunConfig, plan: BatchPlan, ds_config: dict, gpu_memory_g
 def dry_run(args: argparse.Namespace) -> int:
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = read_config(args.config, args.overrides)
+        cfg = plannable(read_config(args.config, args.overrides))
         cfg.validate(check_data=False)  # plans on a machine without the data; the run checks it
         plan = plan_batches(cfg, world_size)
         ds_config = ds.load_ds_config(resolve_path(cfg.deepspeed_config, "deepspeed_config"), cfg, plan)
@@ -112,6 +114,27 @@ def dry_run(args: argparse.Namespace) -> int:
         return 2
     print(describe_plan(cfg, plan, ds_config, args.gpu_memory_gib))
     return 0
+
+
+def plannable(cfg: RunConfig) -> RunConfig:
+    """The config to plan with: when model.init_from is not on this machine, the preset of the shape
+    its directory name gives (memory and batches depend on the shape only), said so on stderr."""
+    init_from = cfg.model.init_from
+    if init_from is None or (Path(init_from) / "config.json").is_file():
+        return cfg
+    preset = preset_of_checkpoint_name(init_from)
+    if preset is None:
+        raise ValueError(
+            f"model.init_from: {init_from} has no config.json, and its name names no Pythia size to plan "
+            "with: put the weights there, or plan with model.init_from=null model.preset=pythia-SIZE"
+        )
+    print(
+        f"adaponder-train: model.init_from {init_from} is not on this machine: planning with the shape of "
+        f"preset {preset} (from the directory's name); the run itself needs the weights there",
+        file=sys.stderr,
+    )
+    model = dataclasses.replace(cfg.model, preset=preset, init_from=None)
+    return dataclasses.replace(cfg, model=model)
 
 
 def check_vocabulary(cfg: RunConfig, model_config: AdaPonderConfig) -> None:
