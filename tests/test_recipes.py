@@ -63,3 +63,24 @@ def test_a_dry_run_without_weights_and_without_a_size_in_the_name_says_how(tmp_p
     path = REPO_ROOT / "configs" / "pythia-70m-continued.yaml"
     assert main(["--config", str(path), f"model.init_from={tmp_path / 'mystery'}", "--dry-run"]) == 2
     assert "model.preset=pythia-SIZE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in CONTINUED if "adaponder-prepare" in p.read_text()], ids=lambda p: p.name
+)
+def test_the_prepare_commands_in_a_recipe_comment_are_accepted_as_written(path, monkeypatch):
+    import data.prepare
+
+    calls = []
+    monkeypatch.setattr(data.prepare, "prepare_pythia", lambda *a: calls.append(a) or a[2])
+    monkeypatch.setattr(
+        data.prepare, "join_pile", lambda *a: calls.append(a) or {"pieces": 1, "bytes": 0, "output": a[1]}
+    )
+    lines = [
+        line.lstrip("#").split() for line in path.read_text().splitlines() if "adaponder-prepare" in line
+    ]
+    for words in lines:
+        assert data.prepare.main(words[1:]) == 0
+    size = path.name.split("-")[1]
+    init_from = next(c for c in comment_commands(path)[0] if c.startswith("model.init_from="))
+    assert calls[0] == (size, 143000, init_from.split("=", 1)[1], None)  # the directory training reads
