@@ -33,6 +33,7 @@ setup(
     entry_points={
         "console_scripts": [
             "adaponder-preprocess=data.preprocess:main",
+            "adaponder-prepare=data.prepare:main",
             "adaponder-train-tokenizer=data.train_tokenizer:main",
             "adaponder-train=training.pretrain:main",
             "adaponder-quickstart=launcher.quickstart:main",

@@ -7,8 +7,9 @@
 Each preset is a real training run (training/pretrain.py under torchrun, DeepSpeed ZeRO-3, fp32,
 the run config's "auto" buckets) on a small slice of text; its ranks record resident memory per
 phase (training/rank_status.py: init, forward, backward, step of the first steps; peak within the
-phase from the kernel's high-water mark; glibc is told to return freed blocks of 64 KiB and more,
-so that resident memory follows live tensors: --glibc-default to measure without). The baseline
+phase from the kernel's high-water mark; the run itself tells glibc to return freed blocks of
+64 KiB and more, so that resident memory follows live tensors: training.memory.host_allocator; the
+benchmark adds nothing to the environment of the command users run). The baseline
 is the rank's resident size before the model is built (Python, torch, DeepSpeed, the process
 group); the planner estimates what comes on top of it, so the table compares the planner with
 (peak - baseline). The presets run one after another; each holds the model on every rank.
@@ -92,11 +93,6 @@ def run_preset(args: argparse.Namespace, preset: str, data: tuple[str, str]) -> 
     ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("OMP_NUM_THREADS", "1")
-    if not args.glibc_default:
-        # Every allocation of 64 KiB or more gets its own mapping, returned to the system when freed,
-        # so that the resident size follows live tensors (glibc's default reuses freed heap memory
-        # and keeps it resident: up to +0.6 GiB per rank at 70m, BENCHMARKS.md).
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     started = time.perf_counter()
     written = disk_written_bytes(Path(args.work))
     log = Path(args.work) / f"{preset}.log"
@@ -285,11 +281,6 @@ def main() -> None:
     parser.add_argument("--ds-config", default="ds_configs/zero3.json")
     parser.add_argument("--work", default="/tmp/bench-memory")
     parser.add_argument("--keep-runs", action="store_true", help="keep the runs' checkpoints")
-    parser.add_argument(
-        "--glibc-default",
-        action="store_true",
-        help="keep glibc's malloc thresholds (RSS then includes freed heap)",
-    )
     parser.add_argument("--plan-table", action="store_true")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
     args = parser.parse_args()

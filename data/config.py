@@ -14,6 +14,8 @@ PYTHIA_GLOBAL_BATCH = 1024  # samples per Pythia optimizer step (every size, 70M
 
 @dataclass
 class DataConfig:
+    """Training data: shard prefixes and their blend, the validation split, sample order, tokenizer."""
+
     train_paths: list[str] = field(default_factory=list)
     """Shard prefixes (``PREFIX.bin``/``PREFIX.idx`` without the suffix) blended for training."""
 

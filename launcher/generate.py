@@ -7,6 +7,7 @@ the position whose output chose it (the forward that produced it). On a terminal
 coloured by its passes; otherwise each token is followed by its count, as `token[3]`.
 
     adaponder-generate --model runs/70m/hf --prompt "The capital of France is" --max-new-tokens 20
+    adaponder-generate --model runs/70m [--tag step-00001000] --prompt "..."   # a run's checkpoint
     echo "Once upon a time" | adaponder-generate --model DIR --temperature 0.8 --top-p 0.95 --seed 1
 
 `--speculative N`: self-speculative decoding (model/speculative.py), pass 1 drafting N tokens that the
@@ -16,32 +17,24 @@ remaining passes verify; the same tokens as without it when greedy, the same dis
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from model import AdaPonderConfig, AdaPonderForCausalLM
+from model import AdaPonderForCausalLM
 from model.inference import AdaPonderCache
+from training import loading
+from training.loading import load_tokenizer
 
 # Terminal colours for 1, 2, 3, ... passes (green = cheapest); counts beyond the list reuse the last.
 _COLOURS = ("\033[32m", "\033[36m", "\033[33m", "\033[35m", "\033[31m")
 _RESET = "\033[0m"
 
 
-def load_model(path: str, device: str) -> AdaPonderForCausalLM:
-    """An AdaPonderLM directory through `from_pretrained`, anything GPT-NeoX through `from_pythia`."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{path}: no config.json; expected a Hugging Face model directory")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type == AdaPonderConfig.model_type:
-        model = AdaPonderForCausalLM.from_pretrained(path)
-    else:
-        model = AdaPonderForCausalLM.from_pythia(path)
-    return model.to(device).eval()
+def load_model(path: str, device: str, tag: str | None = None) -> AdaPonderForCausalLM:
+    """A run directory (`tag` or its newest checkpoint), an export or a Pythia / PonderLM directory."""
+    return loading.load_model(path, tag).model.to(device).eval()
 
 
 def generate(
@@ -108,8 +101,11 @@ def render(tokenizer: PreTrainedTokenizerBase, ids: list[int], passes: list[int]
 
 def _parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="adaponder-generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="AdaPonderLM, PonderLM or Pythia HF directory")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    parser.add_argument(
+        "--model", required=True, help="run directory, export, or Pythia / PonderLM HF directory"
+    )
+    parser.add_argument("--tag", help="checkpoint of a run directory, e.g. step-00001000 (default: latest)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's, or its run's)")
     parser.add_argument(
         "--prompt", action="append", help="a prompt (repeatable); without it, one prompt per stdin line"
     )
@@ -157,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--prompt number {empty} is empty: a prompt needs at least one token to continue")
     torch.manual_seed(args.seed)
     try:
-        model = load_model(args.model, args.device)
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        loaded = loading.load_model(args.model, args.tag)
+        model = loaded.model.to(args.device)
+        tokenizer_path = args.tokenizer or loaded.tokenizer
+        if tokenizer_path is None:
+            raise ValueError(f"{args.model}: no tokenizer there or in its run config; pass --tokenizer")
+        tokenizer = load_tokenizer(tokenizer_path)
         results = generate(model, tokenizer, prompts, args.max_new_tokens, sampling, args.speculative)
     except ValueError as e:
         parser.error(str(e))

@@ -82,7 +82,7 @@ def test_an_empty_prompt_is_a_clear_error(tmp_path, capsys):
     assert exit_.value.code == 2
     assert "--prompt number [2] is empty" in capsys.readouterr().err
     model = generate_cli.load_model(str(tmp_path), "cpu")
-    tokenizer = generate_cli.AutoTokenizer.from_pretrained(str(tmp_path))
+    tokenizer = generate_cli.load_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] give no tokens"):
         generate_cli.generate(model, tokenizer, ["   "], 4, None)
 

@@ -203,9 +203,9 @@ def test_a_real_runs_backward_peak_is_planned(tmp_path, train_shards):
         logging__eval_interval=0,
         checkpoint__interval=0,
     )
-    # glibc returns freed blocks of 64 KiB and more, so that resident memory follows live tensors.
-    env = {**environment(), "MALLOC_MMAP_THRESHOLD_": "65536"}
-    result = subprocess.run(command(config), env=env, capture_output=True, text=True, timeout=300)
+    # The launch sets glibc's mmap threshold itself (training.memory.host_allocator): nothing added here.
+    assert "MALLOC_MMAP_THRESHOLD_" not in environment()
+    result = subprocess.run(command(config), env=environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     cfg = read_config(config)
     memory = plan_memory(cfg.model_config(), cfg, 2, load_ds_config(ZERO3, cfg, plan_batches(cfg, 2)))
@@ -259,7 +259,7 @@ def test_nvme_offload_takes_a_step_and_swaps_what_is_planned(tmp_path, train_sha
         logging__eval_interval=0,
         checkpoint__interval=0,
     )
-    env = {**environment(), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = environment()  # the launch sets glibc's mmap threshold itself
     swap = tmp_path / "nvme" / "nvme-offload"
     result = subprocess.run(command(config, nproc=1), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,9 +10,16 @@ step over `global_batch_size` samples. Schedule fields state whether they count 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
 import importlib.util
+import inspect
+import io
 import math
+import re
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,8 +84,8 @@ class OptimizerConfig:
     """AdamW with Pythia's settings; weight decay only on tensors with ndim >= 2."""
 
     lr: float = 1e-3  # peak learning rate (Pythia: 1e-3 at 70M ... 1.6e-4 at 2.8B)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.95)  # Adam's decay rates of the moments (Pythia: 0.9, 0.95)
+    eps: float = 1e-8  # Adam's epsilon
     weight_decay: float = 0.1  # on matrices and embeddings; never on biases and LayerNorm weights
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     # Gates learn at lr x this. Adam moves each of a gate's 4d output weights by ~lr per step, so at
@@ -342,7 +349,22 @@ def read_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     sources = _Sources(str(path or "defaults"), {})
     for item in overrides:
         sources.overrides[_apply_override(raw, item)] = item
-    return _build(RunConfig, raw, "", sources)
+    cfg = _build(RunConfig, raw, "", sources)
+    if cfg.data.tokenizer is None and cfg.model.init_from is not None:
+        # A Pythia / PonderLM directory carries the tokenizer its shards were made with.
+        init_from = Path(cfg.model.init_from)
+        if any((init_from / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            cfg.data.tokenizer = str(init_from)
+    return cfg
+
+
+def preset_of_checkpoint_name(init_from: str) -> str | None:
+    """The Pythia preset a checkpoint directory's name says it has the shape of (`pythia-1.4b`,
+    `PonderingPythia-1.4B`, `pythia-410m-deduped` ...), or None: what a --dry-run plans with when
+    the weights are not on the planning machine."""
+    match = re.search(r"pythia-?(\d+(?:\.\d+)?[mb])", Path(init_from).name.lower())
+    preset = f"pythia-{match.group(1)}" if match else None
+    return preset if preset in PRESETS else None
 
 
 @dataclass(frozen=True)
@@ -365,15 +387,7 @@ def dump_config(cfg: RunConfig) -> str:
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain, YAML-safe nested dict (tuples become lists)."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(dataclasses.asdict(cfg))
+    return config_to_dict_value(dataclasses.asdict(cfg))
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> str:
@@ -403,12 +417,35 @@ def _check_override_path(cls: type, parts: list[str], item: str, prefix: str = "
     hints = typing.get_type_hints(cls)
     head, rest = parts[0], parts[1:]
     if head not in hints:
-        raise ValueError(f"override {item!r}: unknown config key '{prefix}{head}'")
+        hint = _suggestion(cls, prefix, head)
+        raise ValueError(f"override {item!r}: unknown config key '{prefix}{head}'{hint}")
     inner = _strip_optional(hints[head])
     if rest and dataclasses.is_dataclass(inner):
         _check_override_path(inner, rest, item, f"{prefix}{head}.")
     elif rest and typing.get_origin(inner) is not dict:
         raise ValueError(f"override {item!r}: '{prefix}{head}' has no sub-keys")
+
+
+def _suggestion(cls: type, prefix: str, key: str) -> str:
+    """`; did you mean 'a.b'?` for an unknown key: the closest key of the same section, else a key of
+    that name in another section (`lr` at the top level is `optimizer.lr`); empty when none is close."""
+    siblings = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    elsewhere = [name for name in _dotted_keys(RunConfig) if name.rsplit(".", 1)[-1] == key]
+    if not elsewhere:
+        leaves = {name.rsplit(".", 1)[-1]: name for name in _dotted_keys(RunConfig)}
+        elsewhere = [leaves[k] for k in difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.8)]
+    return f" (did you mean '{elsewhere[0]}'?)" if elsewhere else ""
+
+
+def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every leaf key of the config tree, dotted (`optimizer.lr`, ...)."""
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        keys += _dotted_keys(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [prefix + name]
+    return keys
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -426,7 +463,8 @@ def _build(cls: type, raw: Any, prefix: str, sources: _Sources) -> Any:
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise ValueError(f"{sources.file}: unknown config key(s) {[prefix + k for k in unknown]}")
+        hints_text = "".join(_suggestion(cls, prefix, k) for k in unknown)
+        raise ValueError(f"{sources.file}: unknown config key(s) {[prefix + k for k in unknown]}{hints_text}")
     values = {name: _coerce(value, hints[name], prefix + name, sources) for name, value in raw.items()}
     return cls(**values)
 
@@ -490,3 +528,95 @@ def _as_float(value: Any) -> float | None:
     except ValueError:
         return None
     return number if math.isfinite(number) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# `adaponder-train --print-config`: the resolved tree, each key with its default and meaning.
+
+
+def describe_config(cfg: RunConfig, source: str = "defaults") -> str:
+    """The config as YAML that loads back to the same tree; above each key, its meaning (the comment
+    or docstring beside the field in the source) and its default when the value differs."""
+    lines = [
+        f"# adaponder-train run config, resolved: dataclass defaults < {source}",
+        "# each key: its meaning, and `default:` where this config changes it (training/config.py)",
+    ]
+    _describe(cfg, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _describe(node: Any, depth: int, lines: list[str]) -> None:
+    docs = _field_docs(type(node))
+    defaults = _defaults(type(node))
+    indent = "  " * depth
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if depth == 0 and dataclasses.is_dataclass(value):
+            lines.append("")
+        lines += [f"{indent}# {text}" for text in _wrap(docs.get(f.name, ""), 100 - len(indent))]
+        if dataclasses.is_dataclass(value):
+            if f.name not in docs or not docs[f.name]:
+                summary = (inspect.getdoc(type(value)) or "").split("\n\n")[0]
+                lines += [f"{indent}# {text}" for text in _wrap(summary, 100 - len(indent))]
+            lines.append(f"{indent}{f.name}:")
+            _describe(value, depth + 1, lines)
+            continue
+        plain, default = config_to_dict_value(value), config_to_dict_value(defaults[f.name])
+        text = yaml.safe_dump({f.name: plain}, default_flow_style=True, sort_keys=False, width=10**6)
+        line = f"{indent}{text.strip()[1:-1]}"
+        if plain != default:
+            default_text = yaml.safe_dump(default, default_flow_style=True, width=10**6)
+            line += f"  # default: {default_text.strip().removesuffix('...').strip()}"
+        lines.append(line)
+
+
+def config_to_dict_value(value: Any) -> Any:
+    """One field's value as YAML-safe plain data (tuples become lists)."""
+    if isinstance(value, (list, tuple)):
+        return [config_to_dict_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: config_to_dict_value(v) for k, v in value.items()}
+    return value
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    return textwrap.wrap(" ".join(text.split()), width) if text else []
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each field's documentation from the class source: the string literal under the field (an
+    attribute docstring), else the comment at the end of its line, else the comment lines above it."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    code_lines = source.splitlines()
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for i, stmt in enumerate(body):
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        name = stmt.target.id
+        after = body[i + 1] if i + 1 < len(body) else None
+        if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[name] = str(after.value.value).replace("``", "`")
+        elif stmt.end_lineno in comments:
+            docs[name] = comments[stmt.end_lineno]
+        else:
+            above, line = [], stmt.lineno - 1
+            while line in comments and code_lines[line - 1].lstrip().startswith("#"):
+                above.insert(0, comments[line])
+                line -= 1
+            docs[name] = " ".join(above)
+    return docs

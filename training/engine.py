@@ -22,9 +22,11 @@ file carrying anything else is refused before DeepSpeed runs code from it.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import pickle
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -44,10 +46,14 @@ from torch import nn
 from training.config import BatchPlan, RunConfig
 from training.memory import model_sizes, zero_buckets
 
-# DeepSpeed's ZeRO calls a collective torch has deprecated; the warning is not ours to act on, and
-# it repeated on every call (something resets the warning registry each step): 60 MB of a 1000-step
-# run's log was this one line.
-warnings.filterwarnings("ignore", r"`torch\.distributed\.reduce_scatter_tensor` is deprecated", FutureWarning)
+# DeepSpeed's ZeRO calls collectives torch has deprecated; the warnings are not ours to act on, and
+# they repeated on every call (something resets the warning registry each step): 60 MB of a 1000-step
+# run's log was this one line. Every rank printed the all-gather one at the first gather.
+_DEPRECATED = ("reduce_scatter_tensor", "all_gather_into_tensor", "_all_gather_base", "_reduce_scatter_base")
+for _collective in _DEPRECATED:
+    warnings.filterwarnings(
+        "ignore", rf"`torch\.distributed\.{_collective}` (is deprecated|is a private function)", FutureWarning
+    )
 
 
 def _owned_values(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
@@ -220,8 +226,44 @@ def init_distributed() -> None:
     """Start the process group (gloo on CPU, NCCL on GPUs) from the launcher's environment."""
     # zero.Init allocates on the current device before deepspeed.initialize would set it.
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    _announce_cpu_comm_op_build()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     _unlink_cpu_comm_workspace()
+
+
+def extensions_dir() -> Path:
+    """Where torch builds C++ ops (TORCH_EXTENSIONS_DIR, set here unless the user set it): keyed by
+    this Python environment and torch version, so that two venvs sharing a home directory do not
+    rebuild one cache for each other on every start (torch's default is keyed by Python version only)."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        key = hashlib.sha256(f"{sys.prefix}|{torch.__version__}".encode()).hexdigest()[:12]
+        venv = Path(sys.prefix).name
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(get_default_build_root(), f"{venv}-{key}"))
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+def _announce_cpu_comm_op_build() -> None:
+    """DeepSpeed's CPU collectives JIT-compile a C++ op (deepspeed_shm_comm) on the first start in an
+    environment, silently, for a minute or more: say so (once per node) before it starts."""
+    if get_accelerator().device_name() != "cpu":
+        return
+    build = extensions_dir() / "deepspeed_shm_comm"
+    if (build / "deepspeed_shm_comm.so").is_file() or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    message = (
+        f"compiling DeepSpeed's shared-memory communication op (first start in this environment: "
+        f"minutes; cached in {build})"
+    )
+    if (build / "lock").exists():
+        # torch waits, without a word and without end, while this file exists; a start killed while
+        # compiling leaves it behind.
+        message += (
+            f"; waiting for another process compiling it: if none is, one was killed while compiling, "
+            f"and {build / 'lock'} must be deleted"
+        )
+    print(message, flush=True)
 
 
 def _unlink_cpu_comm_workspace() -> None:
@@ -464,6 +506,12 @@ def consolidated_optimizer_state(checkpoint_dir: str | Path, tag: str) -> tuple[
     return moments, steps.pop()
 
 
+class _NoMonitor:
+    """What DeepSpeed's engine sees as its monitor: disabled, so it writes no events of its own."""
+
+    enabled = False
+
+
 class Engine:
     """A DeepSpeed engine behind the few calls the trainer makes."""
 
@@ -476,6 +524,12 @@ class Engine:
         self._ds, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups, config=copy.deepcopy(ds_config)
         )
+        # The monitors (csv_monitor, wandb) take our scalars only (write_events). DeepSpeed's engine
+        # would add its own `Train/Samples/lr` each step: the first parameter group's lr (the gates'),
+        # at step = samples seen, while ours are at optimizer steps; W&B needs one increasing step
+        # and dropped every metric of ours logged at a step below the last samples count.
+        self._monitor = self._ds.monitor
+        self._ds.monitor = _NoMonitor()
 
     @property
     def module(self) -> nn.Module:
@@ -501,8 +555,8 @@ class Engine:
     def write_events(self, events: list[tuple[str, float, int]]) -> None:
         """(tag, value, step) scalars to the monitors the DeepSpeed config enables (csv_monitor, wandb),
         through the engine's own MonitorMaster; rank 0 writes, the others ignore them."""
-        if self._ds.monitor.enabled:
-            self._ds.monitor.write_events(events)
+        if self._monitor.enabled:
+            self._monitor.write_events(events)
 
     def grad_norm(self) -> float:
         """Global gradient norm before clipping, of the last optimizer step."""

@@ -44,14 +44,15 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase
 
 from data.config import DataConfig
 from data.dataset import SPLITS, split_range
 from data.indexed import MMapIndexedDataset, data_path, index_path
 from model import AdaPonderConfig, AdaPonderForCausalLM
 from model.accounting import active_from_passes, forward_flops
-from training.export import load_checkpoint_model
+from training import loading
+from training.loading import load_tokenizer
 from training.rundir import write_durable
 
 POLICIES = ("uniform", "geometric")
@@ -62,40 +63,18 @@ DEFAULT_SEQ_LEN = 512
 
 
 def load_model(path: str | Path, tag: str | None = None) -> tuple[AdaPonderForCausalLM, str | None, dict]:
-    """An exported directory or a run directory -> (model in eval mode, tokenizer path, description)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        if tag is not None:
-            raise ValueError(f"--tag {tag}: {path} is an exported directory, not a run directory")
-        model = AdaPonderForCausalLM.from_pretrained(str(path))
-        tokenizer = str(path) if any(path.glob("tokenizer*")) else None
-        described = {"path": str(path), "checkpoint": None, "step": None}
-    else:
-        model, train_state, checkpoint = load_checkpoint_model(path, tag)
-        tokenizer = train_state["config"]["data"].get("tokenizer")
-        described = {"path": str(path), "checkpoint": checkpoint.name, "step": train_state.get("step")}
-    cfg = model.config
-    described |= {
+    """A run directory (`tag` or its newest checkpoint), an export or a Pythia / PonderLM directory
+    (training.loading) -> (model in eval mode, tokenizer path, description)."""
+    loaded = loading.load_model(path, tag)
+    cfg = loaded.model.config
+    described = loaded.described | {
         "num_passes": cfg.num_passes,
         "adaptive": cfg.adaptive,
         "halt_threshold": cfg.halt_threshold,
         "max_passes": cfg.max_passes,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
     }
-    return model.float().eval(), tokenizer, described
-
-
-def load_tokenizer(tokenizer: str) -> PreTrainedTokenizerBase:
-    """A tokenizer directory or `tokenizer.json` file (what runs and exports carry)."""
-    path = Path(tokenizer)
-    try:
-        if path.is_dir():
-            return AutoTokenizer.from_pretrained(str(path))
-        if path.suffix == ".json" and path.is_file():
-            return PreTrainedTokenizerFast(tokenizer_file=str(path))
-    except (OSError, ValueError) as e:  # a torn tokenizer_config.json is a bare JSONDecodeError
-        raise ValueError(f"tokenizer {tokenizer}: cannot load it ({type(e).__name__}: {e})") from None
-    raise ValueError(f"tokenizer {tokenizer}: not a directory or tokenizer.json (pass --tokenizer)")
+    return loaded.model, loaded.tokenizer, described
 
 
 # --- held-out windows ---------------------------------------------------------------------------
@@ -720,7 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__[__doc__.index("    adaponder-eval") : __doc__.index("Writes DIR")],
     )
-    parser.add_argument("model", help="exported directory (adaponder-export) or run directory")
+    parser.add_argument(
+        "model", help="run directory, export (adaponder-export), or Pythia / PonderLM HF directory"
+    )
     parser.add_argument("--tag", help="checkpoint of a run directory, e.g. step-00001000 (default: latest)")
     parser.add_argument("--output", required=True, help="directory for eval.json and the plots")
     parser.add_argument("--data", help="MMIDIDX shard prefix for held-out perplexity")

@@ -6,9 +6,13 @@ the checkpoint, and written as `model.safetensors` + `config.json` + the run's t
 model's own source files travel along (`model.remote_code`), so the directory loads anywhere with
 
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+    AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)   # or PreTrainedTokenizerFast
     lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --tasks ...
 
-and, where this package is imported, without `trust_remote_code`.
+and, where this package is imported, without `trust_remote_code`. (`AutoTokenizer` reads config.json
+first, and transformers asks before trusting the model code it names; the tokenizer itself is a
+plain fast tokenizer.) The tokenizer pads (Pythia's `<|padding|>`, else end-of-text) and its
+`model_max_length` is the model's position table. The export's modes follow the umask.
 
 The checkpoint is verified against its manifest and every `.pt` file passes the weights-only check
 (`training.engine.check_safe_to_load`) before DeepSpeed reads it. The export is written to a
@@ -120,21 +124,54 @@ def _move_into_place(staging: Path, output_dir: Path) -> None:
     shutil.rmtree(old)  # only the earlier export's own files are left in it
 
 
-def _save_tokenizer(tokenizer: str | None, output_dir: Path) -> str:
-    """Copy the run's tokenizer next to the weights; returns what was done, for the report."""
+# Pythia's tokenizer has a padding token of its own (id 1); others pad with end-of-text.
+_PAD_CANDIDATES = ("<|padding|>", "<pad>", "[PAD]")
+
+
+def _save_tokenizer(tokenizer: str | None, output_dir: Path, max_positions: int) -> str:
+    """Copy the run's tokenizer next to the weights, ready for batched use: a pad token and the model's
+    context length as `model_max_length`. Returns what was done, for the report."""
     if tokenizer is None:
         return "no tokenizer in the run config (pass --tokenizer)"
     path = Path(tokenizer)
     if path.is_dir():
-        AutoTokenizer.from_pretrained(str(path)).save_pretrained(str(output_dir))
+        # A plain fast tokenizer: no remote code of its own, whatever the source directory's config says.
+        loaded = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     elif path.suffix == ".json" and path.is_file():
-        PreTrainedTokenizerFast(tokenizer_file=str(path)).save_pretrained(str(output_dir))
+        loaded = PreTrainedTokenizerFast(tokenizer_file=str(path))
     elif path.suffix == ".model" and path.is_file():
         shutil.copy(path, output_dir / "tokenizer.model")
         return f"copied sentencepiece model {path} (transformers needs a tokenizer class for it)"
     else:
         raise ValueError(f"tokenizer {tokenizer}: not found; pass --tokenizer with its current location")
-    return f"tokenizer from {path}"
+    loaded.model_max_length = max_positions
+    if loaded.pad_token is None:
+        vocab = loaded.get_vocab()
+        pad = next((t for t in _PAD_CANDIDATES if t in vocab), loaded.eos_token)
+        if pad is not None:
+            loaded.pad_token = pad
+    loaded.save_pretrained(str(output_dir))
+    _drop_load_options(output_dir / "tokenizer_config.json")
+    return f"tokenizer from {path} (pad token {loaded.pad_token!r}, model_max_length {max_positions})"
+
+
+def _drop_load_options(tokenizer_config: Path) -> None:
+    """transformers saves how the source was loaded (`local_files_only`, ...) as if it were a setting
+    of the tokenizer; a colleague loading the export from the Hub must not inherit them."""
+    settings = json.loads(tokenizer_config.read_text())
+    for key in ("local_files_only", "is_local", "trust_remote_code"):
+        settings.pop(key, None)
+    tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _apply_umask(root: Path) -> None:
+    """Give the export the modes of any file the user creates: the staging directory comes from
+    `mkdtemp` (0700) and safetensors writes 0600, which would hide the export from colleagues."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def load_checkpoint_model(
@@ -199,6 +236,7 @@ def export_checkpoint(
             "files": sorted(p.name for p in staging.iterdir()) + [INFO_FILE],
         }
         (staging / INFO_FILE).write_text(json.dumps(info, indent=1))
+        _apply_umask(staging)
         _move_into_place(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed
@@ -209,7 +247,7 @@ def _write_export(model: AdaPonderForCausalLM, out: Path, tokenizer: str | None)
     """Weights, config, model source and tokenizer into `out`; returns the tokenizer note."""
     model.config.auto_map = write_remote_code(out)
     model.save_pretrained(str(out))
-    return _save_tokenizer(tokenizer, out)
+    return _save_tokenizer(tokenizer, out, model.config.max_position_embeddings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -311,6 +311,16 @@ class EvalMeter:
         }
 
 
+def _duration(seconds: float) -> str:
+    """`1d 02:03:04`, `02:03:04`; `?` when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
 class MetricsWriter:
     """Rank 0 writes TensorBoard events and console lines; on other ranks every call does nothing."""
 
@@ -332,6 +342,8 @@ class MetricsWriter:
 
         self._writer = SummaryWriter(log_dir=str(tensorboard_dir))
         self._total = total_steps
+        self._start_step = start_step
+        self._started = time.monotonic()
         if progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -376,14 +388,26 @@ class MetricsWriter:
         self._passes_histogram("ponder/passes_per_token", passes_count, step)
         for u, histogram in enumerate(gate_histograms):
             self._gate_histogram(f"ponder/gate_values/{u}", histogram, step)
+        backbone_lr = scalars.get("train/lr_backbone", scalars["train/lr"])  # 0 while the gates train alone
         self.console(
             f"step {step}/{self._total} | loss {scalars['train/lm_loss']:.4f} | "
-            f"ponder {scalars['train/ponder_loss']:.4f} | lr {scalars['train/lr']:.3g} | "
-            f"gnorm {scalars['train/grad_norm']:.3f} | passes {scalars['ponder/mean_passes']:.3f} | "
+            f"ponder {scalars['train/ponder_loss']:.4f} | lr {backbone_lr:.3g} | "
+            f"gate lr {scalars['train/lr_gates']:.3g} | gnorm {scalars['train/grad_norm']:.3f} | "
+            f"passes {scalars['ponder/mean_passes']:.3f} | "
             f"{scalars['perf/tokens_per_sec']:,.0f} tok/s | "
             f"{scalars['perf/tflops_per_rank']:.3g} TFLOP/s/rank | "
-            f"MFU {100 * scalars['perf/mfu']:.2f}% | {scalars['train/consumed_tokens']:,.0f} tokens"
+            f"MFU {100 * scalars['perf/mfu']:.2f}% | {scalars['train/consumed_tokens']:,.0f} tokens | "
+            f"{self._clock(step)}"
         )
+
+    def _clock(self, step: int) -> str:
+        """Wall time, this launch's elapsed time and the estimated time to the last step (from this
+        launch's steps so far, validation and checkpoints included): the progress bar's figures, also
+        in a log file (a Slurm job's), where there is no bar."""
+        elapsed = time.monotonic() - self._started
+        done = step - self._start_step
+        eta = elapsed / done * (self._total - step) if done > 0 else float("nan")
+        return f"{time.strftime('%Y-%m-%d %H:%M:%S')} | elapsed {_duration(elapsed)} | ETA {_duration(eta)}"
 
     def _passes_histogram(self, tag: str, passes_count: list[float], step: int) -> None:
         values = [float(j + 1) for j in range(len(passes_count))]

@@ -5,6 +5,7 @@
     python training/pretrain.py --config RUN.yaml            # one process
     adaponder-train --config RUN.yaml                        # the same, installed
     adaponder-train --config RUN.yaml --dry-run --world-size 8 --gpu-memory-gib 80   # the plan only
+    adaponder-train --print-config [--config RUN.yaml] [key.sub=value ...]   # every key, explained
 
 The config is loaded, validated and checked against the number of ranks, the tokenizer and the
 DeepSpeed JSON before any process group starts. A run directory that holds a checkpoint resumes
@@ -15,6 +16,7 @@ from it. Exit status: 0 when training finished or stopped cleanly (exit_at_step,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -26,6 +28,8 @@ if __package__ in (None, ""):
     # where our config.py, engine.py ... would shadow top-level modules; put the repository there.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import torch  # noqa: E402
+
 from data.tokenizer import load_tokenizer  # noqa: E402
 from model import AdaPonderConfig  # noqa: E402
 from training import distributed as dist  # noqa: E402
@@ -33,12 +37,14 @@ from training import engine as ds  # noqa: E402
 from training.config import (  # noqa: E402
     BatchPlan,
     RunConfig,
+    describe_config,
     load_config,
     plan_batches,
+    preset_of_checkpoint_name,
     read_config,
     resolve_path,
 )
-from training.memory import MemoryPlan, dense_forward_flops, plan_memory  # noqa: E402
+from training.memory import MemoryPlan, dense_forward_flops, host_allocator, plan_memory  # noqa: E402
 from training.rank_status import RankStatus  # noqa: E402
 from training.trainer import (  # noqa: E402
     DeferredSignals,
@@ -57,6 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dry-run",
         action="store_true",
         help="print the batch arithmetic and memory plan per rank, then exit",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (defaults < --config < overrides), every key with its meaning "
+        "and default as comments, then exit",
     )
     parser.add_argument(
         "--world-size", type=int, help="ranks to plan for with --dry-run (default: the launcher's, else 1)"
@@ -113,7 +125,7 @@ def describe_plan(cfg: RunConfig, plan: BatchPlan, ds_config: dict, gpu_memory_g
 def dry_run(args: argparse.Namespace) -> int:
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = read_config(args.config, args.overrides)
+        cfg = plannable(read_config(args.config, args.overrides))
         cfg.validate(check_data=False)  # plans on a machine without the data; the run checks it
         plan = plan_batches(cfg, world_size)
         ds_config = ds.load_ds_config(resolve_path(cfg.deepspeed_config, "deepspeed_config"), cfg, plan)
@@ -131,6 +143,27 @@ def dry_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def plannable(cfg: RunConfig) -> RunConfig:
+    """The config to plan with: when model.init_from is not on this machine, the preset of the shape
+    its directory name gives (memory and batches depend on the shape only), said so on stderr."""
+    init_from = cfg.model.init_from
+    if init_from is None or (Path(init_from) / "config.json").is_file():
+        return cfg
+    preset = preset_of_checkpoint_name(init_from)
+    if preset is None:
+        raise ValueError(
+            f"model.init_from: {init_from} has no config.json, and its name names no Pythia size to plan "
+            "with: put the weights there, or plan with model.init_from=null model.preset=pythia-SIZE"
+        )
+    print(
+        f"adaponder-train: model.init_from {init_from} is not on this machine: planning with the shape of "
+        f"preset {preset} (from the directory's name); the run itself needs the weights there",
+        file=sys.stderr,
+    )
+    model = dataclasses.replace(cfg.model, preset=preset, init_from=None)
+    return dataclasses.replace(cfg, model=model)
+
+
 def check_vocabulary(cfg: RunConfig, model_config: AdaPonderConfig) -> None:
     if cfg.data.tokenizer is None:
         return
@@ -143,8 +176,21 @@ def check_vocabulary(cfg: RunConfig, model_config: AdaPonderConfig) -> None:
         )
 
 
+def print_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = read_config(args.config, args.overrides)  # not validated: files may live elsewhere
+    except ValueError as e:
+        print(f"adaponder-train: configuration error: {e}", file=sys.stderr)
+        return 2
+    sources = " < ".join([args.config] * bool(args.config) + ["overrides"] * bool(args.overrides))
+    print(describe_config(cfg, sources or "nothing else"), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.print_config:
+        return print_config(args)
     if args.dry_run:
         return dry_run(args)
     signals = DeferredSignals()  # a preemption notice from here on stops at the first step boundary
@@ -156,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace, signals: DeferredSignals) -> int:
     world_size = dist.setup_environment()
+    # A CPU-only run's memory plan counts live tensors; glibc must give freed ones back (memory.py).
+    allocator = host_allocator() if not torch.cuda.is_available() else None
     try:
         cfg = load_config(args.config, args.overrides)
         plan, ds_config = preflight(cfg, world_size)
@@ -173,6 +221,8 @@ def _train(args: argparse.Namespace, signals: DeferredSignals) -> int:
         return 2
     if dist.is_main_process():
         print(describe_plan(cfg, plan, ds_config, args.gpu_memory_gib), flush=True)
+        if allocator:
+            print(f"host allocator: {allocator}", flush=True)
     status = RankStatus(
         Path(cfg.run_dir),
         dist.rank(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import random
 import signal
@@ -190,10 +191,14 @@ class Trainer:
             cfg.logging.progress_bar,
             monitor=self.engine.write_events,
         )
+        # The run's record across launches (saved in every checkpoint, so a resumed launch's summary
+        # still starts from the run's first logged loss and keeps its step-0 evaluation).
         self._first_loss: float | None = None
         self._last_train: dict[str, Any] = {}
         self._last_eval: dict[str, Any] | None = None
         self._initial_eval: dict[str, Any] | None = None
+        if client is not None and "record" in client:  # checkpoints from before it was saved lack it
+            self._restore_record(client["record"])
         self._log_start(resume_tag, same_world)
 
     # ----------------------------------------------------------------------------------------------
@@ -330,6 +335,24 @@ class Trainer:
         if restore_rng:
             checkpoint.restore_rng(client["rng"][dist.rank()])
 
+    def _record(self) -> dict[str, Any]:
+        """What the summary reports from earlier intervals and launches, for the checkpoint."""
+        last_train = {k: self._last_train.get(k) for k in _RECORDED_TRAIN_KEYS}
+        return json_safe(
+            {
+                "first_loss": self._first_loss,
+                "last_train": last_train,
+                "last_eval": self._last_eval,
+                "initial_eval": self._initial_eval,
+            }
+        )
+
+    def _restore_record(self, record: dict[str, Any]) -> None:
+        self._first_loss = record["first_loss"]
+        self._last_train = dict(record["last_train"])
+        self._last_eval = record["last_eval"]
+        self._initial_eval = record["initial_eval"]
+
     def _log_start(self, resume_tag: str | None, same_world: bool) -> None:
         model = self.engine.module
         total = sum(ds.full_shape(p).numel() for p in model.parameters())
@@ -343,7 +366,7 @@ class Trainer:
             f"batch: {self.plan.describe()}",
             f"model: {total:,} parameters, {cfg.num_passes} passes, adaptive={cfg.adaptive}; "
             f"stored per rank: {self.parameter_counts['per_rank']}",
-            f"initial weights: {self.provenance}",
+            f"initial weights: {_describe_provenance(self.provenance)}",
             f"MFU peak: {self.peak_flops.source}",
         ]
         if resume_tag is not None:
@@ -547,6 +570,7 @@ class Trainer:
             "provenance": self.provenance,
             "rng": dist.all_gather_object(checkpoint.capture_rng()),
             "meter": dist.all_gather_object(self.meter.state_dict()),
+            "record": self._record(),
         }
 
     def _save(self) -> None:
@@ -559,29 +583,67 @@ class Trainer:
         self.writer.flush()
 
     def _finish(self, status: str) -> dict[str, Any]:
-        latest = checkpoint.latest_tag(self.checkpoint_dir)
-        summary = {
-            "status": status,
-            "step": self.state.step,
-            "train_steps": self.plan.train_steps,
-            "consumed_samples": self.state.consumed_samples,
-            "consumed_tokens": self.state.consumed_tokens,
-            "batch": self.plan.describe(),
-            "first_loss": self._first_loss,
-            "last_loss": self._last_train.get("lm_loss"),
-            "mean_passes": self._last_train.get("mean_passes"),
-            "tokens_per_sec": self._last_train.get("tokens_per_sec"),
-            "peak_memory_gib_per_rank": self._last_train.get("peak_memory_gib"),
-            "parameters": self.parameter_counts,
-            "eval": self._last_eval,
-            "initial_eval": self._initial_eval,
-            "checkpoint": str(self.checkpoint_dir / latest) if latest else None,
-            "tensorboard": str(self.run_dir / "tensorboard"),
-        }
         self.writer.close()
+        path = self.run_dir / "summary.json"
+        if status == "already complete":
+            # Nothing trained in this launch: the run's record stays as the launch that finished it
+            # wrote it (rebuilt from the last checkpoint when that launch died before writing it).
+            summary = _read_summary(path) if dist.is_main_process() else None
+            if summary is None:
+                summary = self._summary("finished")
+                if dist.is_main_process():
+                    write_durable(path, json.dumps(summary, indent=1, allow_nan=False))
+            return {**summary, "status": status}
+        summary = self._summary(status)
         if dist.is_main_process():
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            write_durable(path, json.dumps(summary, indent=1, allow_nan=False))
         return summary
+
+    def _summary(self, status: str) -> dict[str, Any]:
+        """The run's summary.json: strict JSON, a value that is not a number (NaN, inf) is null."""
+        latest = checkpoint.latest_tag(self.checkpoint_dir)
+        return json_safe(
+            {
+                "status": status,
+                "step": self.state.step,
+                "train_steps": self.plan.train_steps,
+                "consumed_samples": self.state.consumed_samples,
+                "consumed_tokens": self.state.consumed_tokens,
+                "batch": self.plan.describe(),
+                "first_loss": self._first_loss,
+                "last_loss": self._last_train.get("lm_loss"),
+                "mean_passes": self._last_train.get("mean_passes"),
+                "tokens_per_sec": self._last_train.get("tokens_per_sec"),
+                "peak_memory_gib_per_rank": self._last_train.get("peak_memory_gib"),
+                "parameters": self.parameter_counts,
+                "eval": self._last_eval,
+                "initial_eval": self._initial_eval,
+                "checkpoint": str(self.checkpoint_dir / latest) if latest else None,
+                "tensorboard": str(self.run_dir / "tensorboard"),
+            }
+        )
+
+
+_RECORDED_TRAIN_KEYS = ("lm_loss", "mean_passes", "tokens_per_sec", "peak_memory_gib")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every float that JSON cannot hold (NaN, +-inf) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent or torn: rebuilt from the checkpoint's record
+    return summary if isinstance(summary, dict) and "step" in summary else None
 
 
 def _provenance(root: Path) -> dict[str, Any]:
@@ -591,6 +653,19 @@ def _provenance(root: Path) -> dict[str, Any]:
         if path.is_file() and path.suffix in (".json", ".safetensors", ".bin", ".model"):
             files[path.name] = checkpoint.sha256_file(path)
     return {"init": "pretrained", "init_from": str(root.resolve()), "sha256": files}
+
+
+def _describe_provenance(provenance: dict[str, Any]) -> str:
+    """One short line: the files' checksums are in every checkpoint's train_state.json."""
+    if provenance.get("init") == "pretrained":
+        files = provenance.get("sha256", {})
+        return (
+            f"{provenance['init_from']} ({len(files)} files; their sha256 in each checkpoint's "
+            "train_state.json, `provenance`)"
+        )
+    if provenance.get("init") == "random":
+        return f"random (preset {provenance.get('preset')}, seed {provenance.get('seed')})"
+    return str(provenance)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
