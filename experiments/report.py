@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from experiments.study import Layout
 
 PAPER = (
-    "SPEC.md section 2 (Pile, 4 passes): AdaPonderLM 14.32 PPL at 3.8 passes vs PonderLM 14.40 (70M); "
+    "arXiv 2603.01914 (Pile, 4 passes; tabled in docs/method.md): AdaPonderLM 14.32 PPL at 3.8 passes vs "
+    "PonderLM 14.40 (70M); "
     "9.87 at 3.8 vs 9.72 (410M); continued 1.4B / 2.8B: equal validation loss at 3.7 / 3.8 passes"
 )
 

@@ -4,7 +4,7 @@ References:
   1) PonderLM, arXiv 2505.20674: re-run the whole stack on inputs refined by the probability-weighted
      mixture of the input embedding table.
   2) AdaPonderLM, arXiv 2603.01914: per-update MLP gates, monotonic hard halting, KV alignment.
-  3) ../shared/SPEC.md section 1, which fixes the choices the papers leave open.
+  3) docs/method.md: the method as built here, with the choices the papers leave open.
 
 `_ponder` is the dense formulation: every token runs in every pass and masks select what a halted
 token would have kept (the reference). model/sparse.py computes the same function, forward and
@@ -509,7 +509,7 @@ class AdaPonderPreTrainedModel(PreTrainedModel):
 
 
 class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
-    """GPT-NeoX with K-pass pondering and token-wise gated halting (SPEC.md section 1)."""
+    """GPT-NeoX with K-pass pondering and token-wise gated halting (docs/method.md)."""
 
     def __init__(self, config: AdaPonderConfig) -> None:
         super().__init__(config)
@@ -837,7 +837,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, GenerationMixin):
         tau: float,
         num_run: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The pondering loop (SPEC.md section 1), dense.
+        """The pondering loop (docs/method.md), dense.
 
         `exit_passes_BT` (passes per token, 1..K) replaces the threshold decision 1[s^i >= tau] for
         fixed-pruning baselines; the gates still scale the updates. Only the first `num_run` passes

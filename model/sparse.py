@@ -1,12 +1,12 @@
 """Packed pondering: each pass runs only the tokens still active, forward and backward.
 
 The dense formulation (modeling.py `_ponder`) runs every token in every pass and uses `where` to make
-a halted token look frozen (SPEC.md section 1, "KV reuse"). Here the same function is computed
-sparsely (SPEC.md section 3): in pass i only the active tokens (m^i = 1) of the whole batch are
-gathered into one packed [n, D] matrix, run through the layers, and scattered back; a halted token
-is never computed again, and every later pass attends to its last active pass's K/V, which is what
-the dense K = where(m^i, K_new, K_prev) simulates. After pass i the gate runs for the active tokens,
-the head + mixture (e^i) only for those that continue to pass i+1.
+a halted token look frozen (docs/method.md, "K/V reuse"). Here the same function is computed
+sparsely (docs/method.md, "Skipping halted tokens"): in pass i only the active tokens (m^i = 1) of
+the whole batch are gathered into one packed [n, D] matrix, run through the layers, and scattered
+back; a halted token is never computed again, and every later pass attends to its last active
+pass's K/V, which is what the dense K = where(m^i, K_new, K_prev) simulates. After pass i the gate
+runs for the active tokens, the head + mixture (e^i) only for those that continue to pass i+1.
 
 Skipping is exact in the forward and in the gradients: what a halted token would compute later never
 reaches the loss in the dense formulation either (its outputs and K/V are replaced by `where`).
@@ -259,7 +259,7 @@ def ponder_packed(
     uniform_calls: bool = False,
     pass0_h_BTD: torch.Tensor | None = None,
 ) -> PonderResult:
-    """The pondering loop of SPEC.md section 1 on active tokens only.
+    """The pondering loop of docs/method.md on active tokens only.
 
     `model` is an AdaPonderForCausalLM. `cos`/`sin` [B, 1, T, R] are the chunk's rotary tables;
     `real_BS` flags the real positions of the store (the `past` cached ones, then the chunk's).
