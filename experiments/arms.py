@@ -33,6 +33,12 @@ class Scale:
     eval_windows: int  # validation windows of seq_len tokens (evenly spaced over the valid shard)
     eval_batch: int
     taus: tuple[float, ...]  # halting thresholds swept on the trained adaptive models (with fixed pruning)
+    # Generated multi-step programs (experiments/corpus.py) added to the training split, and a
+    # validation split of their own; 0: none.
+    synthetic_train_bytes: int = 0
+    synthetic_valid_bytes: int = 0
+    # Questions per downstream task (experiments/downstream.py; needs the programs' validation split).
+    task_examples: int = 0
 
     @property
     def tokens(self) -> int:
@@ -89,9 +95,48 @@ SMOKE = Scale(
     eval_windows=8,
     eval_batch=8,
     taus=(1e-4, 0.9, 0.99),  # gates start near 0.98 (gate_bias_init 4): 0.99 halts tokens early
+    synthetic_train_bytes=60_000,
+    synthetic_valid_bytes=20_000,
+    task_examples=8,
 )
 
-SCALES = {s.name: s for s in (FULL, SMOKE)}
+# The regime pilot: more tokens per parameter than FULL (a narrower model and a smaller vocabulary,
+# 2x the tokens: 2.45 tokens per parameter against 0.56) and a share of generated multi-step
+# programs, trained for the vanilla and PonderLM arms only (`--arms vanilla,ponderlm`), evaluated on
+# whole validation shards.
+PILOT = Scale(
+    name="pilot",
+    train_bytes=24_000_000,
+    valid_bytes=3_000_000,
+    vocab_size=2048,
+    model={
+        "hidden_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 384,
+        "max_position_embeddings": 256,
+    },
+    seq_len=256,
+    batch_size=8,
+    train_steps=1000,
+    warmup=30,
+    lr=2e-3,
+    stage1=500,
+    ramp=200,
+    checkpoint_interval=100,
+    seeds=(1, 2),
+    eval_windows=0,  # every non-overlapping window of the shard
+    eval_batch=16,
+    taus=(1e-4,),
+    synthetic_train_bytes=6_000_000,
+    synthetic_valid_bytes=600_000,
+)
+
+SCALES = {s.name: s for s in (FULL, SMOKE, PILOT)}
+
+# Declared before the study's runs: "the same quality" means the 95% paired t interval (df = seeds - 1)
+# of the validation-loss difference lies inside +-EQUIVALENCE_MARGIN nats (about 2% of perplexity).
+EQUIVALENCE_MARGIN = 0.02
 PASSES = 4  # K of every pondering arm
 
 
@@ -177,6 +222,7 @@ def run_config(arm: Arm, seed: int, scale: Scale, run_dir: str, data: dict[str, 
         "run_dir": run_dir,
         "model": {
             "preset": "tiny",
+            "init": "ponderlm",
             "overrides": {"vocab_size": scale.vocab_size, **scale.model, **arm.model},
         },
         "data": {

@@ -10,7 +10,9 @@ budget is reached. Test suites are left out: they are repetitive and not in ever
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,3 +78,63 @@ def _interleaved(packages: tuple[str, ...]) -> list[Path]:
 def write_split(spec: SplitSpec, out_path: Path) -> dict[str, int]:
     """One `{"text": source}` line per non-empty file, skipping any that would pass `max_bytes`."""
     return write_source_jsonl(_interleaved(spec.packages), out_path, spec.max_bytes, skip_oversized=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generated multi-step programs: tokens whose prediction takes several dependent steps.
+
+_NAMES = "abcdefghijkmnpqrstuvwxyz"
+
+
+def synthetic_program(rng: random.Random) -> str:
+    """A few lines of integer bookkeeping ending in an assert, e.g.
+
+        n = 7
+        q = n + 5
+        a = q * 3 - n
+        assert a == 29
+
+    Every value is determined by the lines above it, so the digits after `=` in the comments and
+    after `==` need the whole chain; the rest of the text is easy syntax. Values stay in 0..999.
+    """
+    names = rng.sample(_NAMES, 6)
+    values: dict[str, int] = {}
+    lines = []
+    for i in range(rng.randint(3, 6)):
+        name = names[i]
+        if not values:
+            values[name] = rng.randint(0, 20)
+            lines.append(f"{name} = {values[name]}")
+            continue
+        src = rng.choice(list(values))
+        op, k = rng.choice("+-*"), rng.randint(1, 9)
+        value = {"+": values[src] + k, "-": values[src] - k, "*": values[src] * k}[op]
+        if not 0 <= value <= 999:
+            op, value = "+", values[src] + k
+        if value > 999:
+            op, value = "-", values[src] - k
+        values[name] = value
+        line = f"{name} = {src} {op} {k}"
+        lines.append(f"{line}  # {value}" if rng.random() < 0.5 else line)
+    last = names[len(values) - 1]
+    lines.append(f"assert {last} == {values[last]}")
+    return "\n".join(lines) + "\n"
+
+
+def write_synthetic(out_path: Path, max_bytes: int, seed: int) -> dict[str, int]:
+    """`{"text": ...}` lines of 20-40 programs each (blank-line separated) until `max_bytes`;
+    deterministic for a seed; the file appears atomically."""
+    rng = random.Random(seed)
+    written = documents = 0
+    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        while True:
+            text = "\n".join(synthetic_program(rng) for _ in range(rng.randint(20, 40)))
+            line = json.dumps({"text": text}) + "\n"
+            if written + len(line) > max_bytes:
+                break
+            f.write(line)
+            written += len(line)
+            documents += 1
+    os.replace(tmp, out_path)
+    return {"documents": documents, "bytes": written}

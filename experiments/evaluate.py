@@ -22,9 +22,11 @@ from training.evaluate import POLICIES, learned_settings, load_model, perplexity
 
 
 def validation_windows(prefix: str, seq_len: int, count: int) -> list[np.ndarray]:
-    """`count` windows of seq_len + 1 tokens, evenly spaced over the concatenated documents."""
+    """`count` windows of seq_len + 1 tokens, evenly spaced over the concatenated documents (0: every
+    non-overlapping window, so each token of the shard but the first of a window is scored once)."""
     shard = MMapIndexedDataset(prefix)
     tokens = np.concatenate([shard[i] for i in range(len(shard))]).astype(np.int64)
+    count = count or (len(tokens) - 1) // (seq_len + 1)
     stride = (len(tokens) - 1) // count
     if stride < seq_len + 1:
         raise ValueError(f"{prefix}: {len(tokens)} tokens are too few for {count} windows of {seq_len + 1}")

@@ -5,6 +5,7 @@
     python -m experiments.study status             # which runs are trained / evaluated
     python -m experiments.study report             # README.md, table and plots from the result files
     python -m experiments.study run --smoke        # the whole pipeline at toy size (about a minute)
+    python -m experiments.study run --pilot --arms vanilla,ponderlm --background   # the regime pilot
 
     # Reproduction: seed 1 again from scratch in a fresh work directory, then compared run by run
     python -m experiments.study run --background --seeds 1 --work experiments/work/rerun
@@ -36,7 +37,8 @@ from typing import Any
 import yaml
 
 from experiments.arms import SCALES, Arm, Scale, arms, run_config, run_name
-from experiments.corpus import TRAIN_PACKAGES, VALID_PACKAGES, SplitSpec, write_split
+from experiments.corpus import TRAIN_PACKAGES, VALID_PACKAGES, SplitSpec, write_split, write_synthetic
+from experiments.downstream import TASKS
 
 EXPERIMENTS = Path(__file__).resolve().parent
 REPO_ROOT = EXPERIMENTS.parent
@@ -54,11 +56,14 @@ class Layout:
         self.results = out / "results"
 
     def data_paths(self) -> dict[str, str]:
-        return {
+        paths = {
             "train": str(self.data / "train"),
             "valid": str(self.data / "valid"),
             "tokenizer": str(self.data / "tokenizer"),
         }
+        if self.scale.synthetic_valid_bytes:
+            paths["valid_synthetic"] = str(self.data / "valid_synthetic")
+        return paths
 
     def run_dir(self, name: str) -> Path:
         return self.runs / name
@@ -72,6 +77,15 @@ class Layout:
 
     def result_file(self, name: str) -> Path:
         return self.results / "by_run" / f"{name}.json"  # not "runs/": .gitignore ignores that name
+
+
+def write_report(layout: Layout) -> Path:
+    """README.md, table and plots of the study, or the pilot's own report."""
+    if layout.scale.name == "pilot":
+        from experiments.pilot import write_pilot_report as writer
+    else:
+        from experiments.report import write_report as writer
+    return writer(layout)
 
 
 def log(message: str) -> None:
@@ -103,27 +117,43 @@ def prepare_data(layout: Layout) -> dict[str, Any]:
                 **write_split(spec, data / f"{spec.name}.jsonl"),
             }
             log(f"corpus {spec.name}: {facts[spec.name]}")
+    synthetic = {
+        "train_synthetic": scale.synthetic_train_bytes,
+        "valid_synthetic": scale.synthetic_valid_bytes,
+    }
+    for seed, (name, size) in enumerate(synthetic.items(), start=1):
+        if size and not (data / f"{name}.jsonl").is_file():
+            facts[name] = write_synthetic(data / f"{name}.jsonl", size, seed)
+            log(f"corpus {name}: {facts[name]}")
+    train_text = [str(data / "train.jsonl")]
+    if scale.synthetic_train_bytes:
+        train_text.append(str(data / "train_synthetic.jsonl"))
     tokenizer = data / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file():
-        train_tokenizer([str(data / "train.jsonl")], "bpe", scale.vocab_size, str(tokenizer))
+        train_tokenizer(train_text, "bpe", scale.vocab_size, str(tokenizer))
         log(f"tokenizer: byte-level BPE, {scale.vocab_size} tokens, trained on the train split")
-    for spec in splits:
-        if not Path(index_path(data / spec.name)).is_file():
-            stats = preprocess(
-                [str(data / f"{spec.name}.jsonl")], str(tokenizer), str(data / spec.name), progress=False
-            )
-            facts[spec.name]["tokens"] = stats.tokens
-            log(f"shards {spec.name}: {stats.tokens:,} tokens")
+    shards = {"train": train_text, "valid": [str(data / "valid.jsonl")]}
+    if scale.synthetic_valid_bytes:
+        shards["valid_synthetic"] = [str(data / "valid_synthetic.jsonl")]
+    for name, sources in shards.items():
+        if not Path(index_path(data / name)).is_file():
+            stats = preprocess(sources, str(tokenizer), str(data / name), progress=False)
+            facts.setdefault(name, {})["tokens"] = stats.tokens
+            log(f"shards {name}: {stats.tokens:,} tokens")
+    if scale.task_examples and not (data / "tasks" / "ponder_realline.yaml").is_file():
+        from experiments.downstream import write_tasks
+
+        write_tasks(data, data / "tasks", scale.task_examples)
+        log(f"downstream tasks: {scale.task_examples} questions each in {data / 'tasks'}")
     # What a rerun from scratch must rebuild byte for byte (`compare` checks it).
-    built = (
+    built = [
         "train.jsonl",
         "valid.jsonl",
         "tokenizer/tokenizer.json",
-        "train.bin",
-        "train.idx",
-        "valid.bin",
-        "valid.idx",
-    )
+        *(f"{name}.jsonl" for name, size in synthetic.items() if size),
+        *(f"{name}.{ext}" for name in shards for ext in ("bin", "idx")),
+        *(f"tasks/{task}.jsonl" for task in TASKS if scale.task_examples),
+    ]
     facts["sha256"] = {name: sha256_file(data / name) for name in built}
     facts_file.write_text(json.dumps(facts, indent=1))
     layout.results.mkdir(parents=True, exist_ok=True)
@@ -221,9 +251,13 @@ def evaluate(layout: Layout, arm: Arm, seed: int) -> None:
     name = run_name(arm, seed)
     scale, run_dir = layout.scale, layout.run_dir(name)
     started = time.perf_counter()
-    result = evaluate_run(
-        run_dir, layout.data_paths()["valid"], scale.seq_len, scale.eval_windows, scale.eval_batch, scale.taus
-    )
+    paths = layout.data_paths()
+    settings = (scale.seq_len, scale.eval_windows, scale.eval_batch, scale.taus)
+    result = evaluate_run(run_dir, paths["valid"], *settings)
+    if "valid_synthetic" in paths:
+        result["synthetic"] = evaluate_run(run_dir, paths["valid_synthetic"], *settings)["learned"]
+    if scale.task_examples:
+        result["tasks"] = downstream(run_dir, layout, scale.eval_batch)
     summary = json.loads((run_dir / "summary.json").read_text())
     result.update(
         arm=arm.name,
@@ -237,6 +271,20 @@ def evaluate(layout: Layout, arm: Arm, seed: int) -> None:
     )
     result["training_curve"] = training_curve(run_dir)
     write_result(layout.result_file(name), result)
+
+
+def downstream(run_dir: Path, layout: Layout, batch: int) -> dict[str, Any]:
+    """Accuracy and passes of each downstream task at the model's trained halting threshold."""
+    from training.evaluate import evaluate_tasks, load_model, load_tokenizer
+
+    model, _, _ = load_model(run_dir)
+    tokenizer = load_tokenizer(layout.data_paths()["tokenizer"])
+    include = str(layout.data / "tasks")
+    scores = evaluate_tasks(model, tokenizer, list(TASKS), include_path=include, batch_size=batch)
+    return {
+        task: {"acc": s["metrics"]["acc,none"], "mean_passes": s["mean_passes"], "tokens": s["tokens"]}
+        for task, s in scores.items()
+    }
 
 
 def write_result(out: Path, result: dict[str, Any]) -> None:
@@ -363,8 +411,6 @@ def run_study(
     with ThreadPoolExecutor(jobs) as pool:
         codes = dict(zip(names, pool.map(runner.run, names)))
     failed = [n for n, c in codes.items() if c != 0]
-    from experiments.report import write_report
-
     write_report(layout)
     log(f"report: {layout.out / 'README.md'}")
     if failed:
@@ -385,7 +431,6 @@ def resumes(layout: Layout, name: str) -> int | None:
 def compare_rerun(layout: Layout, rerun_work: Path) -> int:
     """Compare the results of a rerun in `rerun_work` (its OUT: WORK/out) with this study's; record
     the comparison for the report."""
-    from experiments.report import write_report
     from experiments.reproduce import compare, reproduced, table
 
     rerun = Layout(layout.scale, rerun_work, rerun_work / "out")
@@ -457,7 +502,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--smoke", action="store_true", help="toy sizes: the whole pipeline in about a minute"
     )
-    parser.add_argument("--work", help="run state (default experiments/work/full or experiments/work/smoke)")
+    parser.add_argument(
+        "--pilot", action="store_true", help="the regime pilot's scale (results in experiments/pilot)"
+    )
+    parser.add_argument("--work", help="run state (default experiments/work/SCALE: full, smoke or pilot)")
     parser.add_argument(
         "--out", help="results and README (default: experiments/ for the full study in its WORK, or WORK/out)"
     )
@@ -471,13 +519,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def layout_of(args: argparse.Namespace) -> Layout:
-    scale = SCALES["smoke" if args.smoke else "full"]
+    scale = SCALES["smoke" if args.smoke else "pilot" if args.pilot else "full"]
     default_work = (EXPERIMENTS / "work" / scale.name).resolve()
     work = Path(args.work or default_work).resolve()
-    # Only the full study in its own work directory writes the committed results: a rerun elsewhere
-    # must not find them and take its runs for done.
-    committed = scale.name == "full" and work == default_work
-    return Layout(scale, work, Path(args.out or (EXPERIMENTS if committed else work / "out")).resolve())
+    # Only the full study and the pilot in their own work directories write the committed results: a
+    # rerun elsewhere must not find them and take its runs for done.
+    committed = {"full": EXPERIMENTS, "pilot": EXPERIMENTS / "pilot"}.get(scale.name)
+    out = committed if committed is not None and work == default_work else work / "out"
+    return Layout(scale, work, Path(args.out or out).resolve())
 
 
 def _seeds(text: str | None, scale: Scale) -> list[int] | None:
@@ -503,8 +552,6 @@ def main(argv: list[str] | None = None) -> int:
         status(layout)
         return 0
     if args.command == "report":
-        from experiments.report import write_report
-
         write_report(layout)
         return 0
     if args.command == "compare":
@@ -528,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         except BlockingIOError:
             print(f"another study is running on {work} (lock {work / 'study.lock'})", file=sys.stderr)
             return 2
-        base = ["--work", str(work), "--out", str(out)] + (["--smoke"] if args.smoke else [])
+        base = ["--work", str(work), "--out", str(out)] + [f"--{scale.name}"] * (scale.name != "full")
         if args.exit_at_step is not None:
             base += ["--exit-at-step", str(args.exit_at_step)]
         only = args.arms.split(",") if args.arms else None

@@ -13,6 +13,9 @@
     gate_intermediate_size    width of each gate MLP (default 4d)
     gate_bias_init            initial output bias of the gates (positive: every token ponders at first)
     adaptive                  gates and halting on; off is plain PonderLM
+    init_scheme               how a from-scratch model draws its weights: "pythia" (GPT-NeoX's
+                              small_init, wang_init on the residual outputs over the unrolled depth)
+                              or "ponderlm" (PonderLM's code: residual outputs sqrt(LK / 20) x larger)
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PretrainedConfig
+
+INIT_SCHEMES = ("pythia", "ponderlm")
 
 # Pythia's shapes (layers, hidden, heads), from the suite's config.json files; all use
 # vocab 50304 (padded), rotary_pct 0.25, context 2048 and parallel residual.
@@ -92,6 +97,7 @@ class AdaPonderConfig(PretrainedConfig):
         gate_intermediate_size: int | None = None,
         gate_bias_init: float = 4.0,
         adaptive: bool = True,
+        init_scheme: str = "pythia",
         bos_token_id: int = 0,
         eos_token_id: int = 0,
         tie_word_embeddings: bool = False,
@@ -118,6 +124,7 @@ class AdaPonderConfig(PretrainedConfig):
         self.gate_intermediate_size = gate_intermediate_size or 4 * hidden_size
         self.gate_bias_init = gate_bias_init
         self.adaptive = adaptive
+        self.init_scheme = init_scheme
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -167,6 +174,8 @@ class AdaPonderConfig(PretrainedConfig):
         for name in ("vocab_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise ValueError(f"init_scheme must be one of {list(INIT_SCHEMES)}, got {self.init_scheme!r}")
         if self.tie_word_embeddings:
             raise ValueError("tie_word_embeddings is not supported: GPT-NeoX has an untied embed_out")
 

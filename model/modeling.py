@@ -485,24 +485,38 @@ class AdaPonderPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Pythia's init: small_init N(0, sqrt(2 / 5d)) everywhere, wang_init N(0, 2 / (L' sqrt d))
-        for the residual output projections with L' = L x K the unrolled depth (PonderLM scales
-        for the unrolled depth too), zero biases, unit norms, gate output bias positive."""
+        """Zero biases, unit norms, a positive gate output bias, and normal weights of std `small` =
+        sqrt(2 / 5d), except the residual output projections (attention.dense, mlp.dense_4h_to_h),
+        scaled for the depth L' = L x K unrolled over the passes:
+
+            pythia    N(0, 2 / (L' sqrt d))                    GPT-NeoX's small_init / wang_init
+            ponderlm  N(0, small / sqrt(2 L')), cut at 3 std   PonderLM's released code
+
+        so ponderlm's output projections are sqrt(L' / 20) x pythia's (2.19x at 410M with K = 4)."""
         cfg = self.config
         small = (2.0 / (5.0 * cfg.hidden_size)) ** 0.5
+        depth = cfg.num_hidden_layers * cfg.num_passes
+        truncated = cfg.init_scheme == "ponderlm"
+
+        def draw(weight: torch.Tensor, std: float) -> None:
+            if truncated:
+                init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            else:
+                init.normal_(weight, mean=0.0, std=std)
+
+        if truncated:
+            residual = small / (2 * depth) ** 0.5
+        else:
+            residual = 2.0 / (depth * cfg.hidden_size**0.5)
         if isinstance(module, nn.Linear):
-            std = small
-            if getattr(module, "is_residual_output", False):
-                depth = cfg.num_hidden_layers * cfg.num_passes
-                std = 2.0 / (depth * cfg.hidden_size**0.5)
-            init.normal_(module.weight, mean=0.0, std=std)
+            draw(module.weight, residual if getattr(module, "is_residual_output", False) else small)
             if module.bias is not None:
                 if getattr(module, "is_gate_output", False):
                     init.constant_(module.bias, cfg.gate_bias_init)
                 else:
                     init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=small)
+            draw(module.weight, small)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)

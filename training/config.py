@@ -23,6 +23,7 @@ import yaml
 
 from data.config import DataConfig
 from model import PRESETS, AdaPonderConfig
+from model.config import INIT_SCHEMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,14 +37,23 @@ class ModelConfig:
     preset: str | None = None  # a name in model.PRESETS ("tiny", "pythia-70m", ...); from scratch
     init_from: str | None = None  # Pythia / PonderLM / AdaPonderLM HF directory (continued pretraining)
     overrides: dict[str, Any] = field(default_factory=dict)  # AdaPonderConfig fields set over either
+    # How a from-scratch model draws its weights (AdaPonderConfig.init_scheme): "ponderlm", the scheme
+    # the paper's baselines were trained with, or "pythia". Continued pretraining loads its weights.
+    init: str | None = None  # None: "ponderlm" from a preset
 
     def validate(self) -> None:
         if (self.preset is None) == (self.init_from is None):
             raise ValueError("exactly one of model.preset and model.init_from must be set")
+        if self.init is not None and self.init_from is not None:
+            raise ValueError("model.init is for model.preset (from scratch); model.init_from loads weights")
+        if self.init is not None and self.init not in INIT_SCHEMES:
+            raise ValueError(f"model.init must be one of {list(INIT_SCHEMES)}, got {self.init!r}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"model.preset {self.preset!r} is not one of {sorted(PRESETS)}")
         if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
             raise ValueError(f"model.init_from: {self.init_from} has no config.json")
+        if "init_scheme" in self.overrides:
+            raise ValueError("model.overrides.init_scheme: set model.init instead")
         known = set(AdaPonderConfig().to_dict())
         unknown = sorted(set(self.overrides) - known)
         if unknown:
@@ -230,7 +240,9 @@ class RunConfig:
             from model.hf_compat import config_from_checkpoint
 
             return config_from_checkpoint(self.model.init_from, **self.model.overrides)
-        return AdaPonderConfig.from_preset(self.model.preset, **self.model.overrides)
+        return AdaPonderConfig.from_preset(
+            self.model.preset, init_scheme=self.model.init or "ponderlm", **self.model.overrides
+        )
 
 
 @dataclass(frozen=True)
