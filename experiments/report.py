@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from experiments.study import Layout
 
 PAPER = (
-    "SPEC.md section 2 (Pile, 4 passes): AdaPonderLM 14.32 PPL at 3.8 passes vs PonderLM 14.40 (70M); "
+    "arXiv 2603.01914 (Pile, 4 passes; tabled in docs/method.md): AdaPonderLM 14.32 PPL at 3.8 passes vs "
+    "PonderLM 14.40 (70M); "
     "9.87 at 3.8 vs 9.72 (410M); continued 1.4B / 2.8B: equal validation loss at 3.7 / 3.8 passes"
 )
 
@@ -221,8 +222,9 @@ def sweep_table(layout: Layout, by_arm: dict[str, list[dict[str, Any]]]) -> list
 
 
 @contextmanager
-def _figure(path: Path, size: tuple[float, float], legend_size: int = 8) -> Iterator[Any]:
-    """Axes of a new figure; on leaving, a legend when anything is labelled, then saved to `path`."""
+def _figure(path: Path, size: tuple[float, float], legend_size: int = 8, **legend: Any) -> Iterator[Any]:
+    """Axes of a new figure; on leaving, a legend (`legend`: where) when anything is labelled, then
+    saved to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,17 +234,33 @@ def _figure(path: Path, size: tuple[float, float], legend_size: int = 8) -> Iter
     try:
         yield ax
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=legend_size)
+            ax.legend(fontsize=legend_size, **legend)
         fig.tight_layout()
+        _drop_overlapping_labels(ax)
         fig.savefig(path, dpi=120)
     finally:
         plt.close(fig)
 
 
+def _drop_overlapping_labels(ax: Any) -> None:
+    """Removes each annotation that would overlap an earlier one or the legend (curves that nearly
+    coincide would otherwise print their labels on top of each other)."""
+    renderer = ax.figure.canvas.get_renderer()
+    legend = ax.get_legend()
+    kept = [legend.get_window_extent(renderer)] if legend is not None else []
+    for text in list(ax.texts):
+        box = text.get_window_extent(renderer)
+        if any(box.overlaps(other) for other in kept):
+            text.remove()
+        else:
+            kept.append(box)
+
+
 def plot_compute(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], path: Path) -> None:
     vanilla = by_arm.get("vanilla") or []
     base = np.mean([r["learned"]["flops_per_token"] for r in vanilla]) if vanilla else None
-    with _figure(path, (8, 5.5), legend_size=7) as ax:
+    # The legend (a dozen entries) stands right of the axes, off the points.
+    with _figure(path, (11, 5.5), legend_size=7, loc="center left", bbox_to_anchor=(1.01, 0.5)) as ax:
         _plot_compute(layout, by_arm, ax, base)
 
 
@@ -302,32 +320,60 @@ def _plot_compute(
 
 
 def plot_nll_by_passes(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    with _figure(path, (7, 4.5)) as ax:
+    adaptive = [a for a in arms(layout.scale) if a.adaptive and by_arm[a.name]]
+    # The legend sits in a row above the bars, in headroom kept free for it (see _plot_nll_by_passes).
+    with _figure(path, (7.5, 4.8), loc="upper center", ncol=max(1, len(adaptive))) as ax:
         _plot_nll_by_passes(layout, by_arm, ax)
 
 
-def _plot_nll_by_passes(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], ax: Any) -> None:
-    adaptive = [a for a in arms(layout.scale) if a.adaptive and by_arm[a.name]]
-    width = 0.8 / max(1, len(adaptive))
-    for i, arm in enumerate(adaptive):
+def share_label(share: float) -> str:
+    """A share of tokens as a bar label: "<1%" rather than a misleading "0%" for a few tokens."""
+    return "<1%" if 0 < share < 0.005 else f"{share:.0%}"
+
+
+def nll_by_passes_bars(layout: Layout, by_arm: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """What nll_by_passes.png draws: per adaptive arm, one bar per pass count that some token of some
+    seed ran (NLL averaged over the seeds whose tokens ran it; share of tokens averaged over all
+    seeds). A pass count no token ran has no bar."""
+    out = []
+    for arm in [a for a in arms(layout.scale) if a.adaptive and by_arm[a.name]]:
         results = by_arm[arm.name]
         nll = np.array(
             [[math.nan if v is None else v for v in r["learned"]["nll_by_passes"]] for r in results]
         )
         share = np.mean([r["learned"]["share_by_passes"] for r in results], axis=0)
-        xs = np.arange(1, PASSES + 1) + (i - (len(adaptive) - 1) / 2) * width
         counts = np.isfinite(nll).sum(axis=0)
-        means = np.where(counts > 0, np.nansum(nll, axis=0) / np.maximum(counts, 1), np.nan)
-        ax.bar(xs, means, width, label=arm.name, color=f"C{3 + i}")
-        for x, m, s in zip(xs, means, share):
-            if np.isfinite(m):
-                ax.annotate(
-                    f"{s:.0%}", (x, m), ha="center", fontsize=7, xytext=(0, 2), textcoords="offset points"
-                )
+        bars = [
+            (j + 1, float(np.nansum(nll[:, j]) / counts[j]), float(share[j]))
+            for j in range(PASSES)
+            if counts[j] > 0 and share[j] > 0
+        ]
+        out.append({"arm": arm.name, "bars": bars})
+    return out
+
+
+def _plot_nll_by_passes(layout: Layout, by_arm: dict[str, list[dict[str, Any]]], ax: Any) -> None:
+    groups = nll_by_passes_bars(layout, by_arm)
+    width = 0.8 / max(1, len(groups))
+    top = 0.0
+    for i, group in enumerate(groups):
+        offset = (i - (len(groups) - 1) / 2) * width
+        xs = [passes + offset for passes, _, _ in group["bars"]]
+        ys = [nll for _, nll, _ in group["bars"]]
+        ax.bar(xs, ys, width, label=group["arm"], color=f"C{3 + i}")
+        for x, y, (_, _, share) in zip(xs, ys, group["bars"]):
+            ax.annotate(
+                share_label(share), (x, y), ha="center", fontsize=7, xytext=(0, 2), textcoords="offset points"
+            )
+        top = max([top, *ys])
     ax.set_xticks(range(1, PASSES + 1))
-    ax.set_xlabel("passes the token ran (learned halting, trained tau)")
-    ax.set_ylabel("mean validation NLL (nats)")
-    ax.set_title("NLL by passes run (labels: share of tokens); mean over seeds")
+    ax.set_xlim(0.5, PASSES + 0.5)
+    ax.set_ylim(0, top * 1.3 if top else 1.0)
+    ax.set_xlabel("passes the token ran (learned halting at the trained tau; no bar: no token)")
+    ax.set_ylabel("mean NLL (nats per token)")
+    ax.set_title(
+        "Validation NLL of tokens by the passes they ran (mean over seeds)\nbar labels: share of tokens"
+    )
 
 
 def _curve_at(curve: list[list[float]], step: int) -> float:

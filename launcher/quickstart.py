@@ -140,10 +140,14 @@ def report_loss_curve(csv_file: Path) -> None:
     say(f"train loss over both launches ({csv_file.name}): {curve}")
 
 
-def evaluate(export_dir: Path, cfg: RunConfig, output: Path) -> None:
-    """`adaponder-eval` on the exported model: perplexity of the held-out validation documents (the
-    training split's own), with passes and compute per token and NLL by passes run."""
-    argv = [
+# Halting thresholds the evaluation sweeps beside the trained one: from no loss to about one pass per
+# token on the quickstart model, so that its quality-against-compute plot is a curve, set against
+# fixed pruning at the same mean passes.
+EVAL_THRESHOLDS = "0.001,0.01,0.05,0.2"
+
+
+def eval_arguments(export_dir: Path, cfg: RunConfig, output: Path) -> list[str]:
+    return [
         str(export_dir),
         "--output", str(output),
         "--data", cfg.data.train_paths[0],
@@ -151,14 +155,23 @@ def evaluate(export_dir: Path, cfg: RunConfig, output: Path) -> None:
         "--split-name", "valid",
         "--seq-len", str(cfg.seq_len),
         "--max-windows", "64",
+        "--sweep-threshold", EVAL_THRESHOLDS,
+        "--policies", "uniform,geometric",
         "--no-progress",
     ]  # fmt: skip
+
+
+def evaluate(export_dir: Path, cfg: RunConfig, output: Path) -> None:
+    """`adaponder-eval` on the exported model: perplexity of the held-out validation documents (the
+    training split's own) at the trained tau and a sweep of taus, against fixed pruning at the same
+    mean passes, with passes and compute per token and NLL by passes run."""
+    argv = eval_arguments(export_dir, cfg, output)
     say(f"evaluation: adaponder-eval {' '.join(argv)}")
     try:
         report = evaluation.run(evaluation.build_parser().parse_args(argv))
         print(evaluation.format_report(report), flush=True)
-        paths = evaluation.write_report(report, output)
-        say(f"wrote {paths['json']} and its plots")
+        for path in evaluation.write_report(report, output).values():
+            say(f"wrote {path}" if isinstance(path, Path) else path)
     except ValueError as e:  # no validation documents; or no matplotlib for the plots (`eval` extra)
         say(f"evaluation: {e}")
 
@@ -184,7 +197,7 @@ def where_everything_is(cfg: RunConfig, export_dir: Path) -> str:
         "  monitor/csv/    the same scalars as CSV (DeepSpeed's csv_monitor)",
         "  summary.json    the end-of-run summary printed above",
         "  data/           corpus, tokenizer and shards",
-        "  eval/           adaponder-eval's eval.json and plots (perplexity and NLL by passes)",
+        "  eval/           adaponder-eval's eval.json and plots (perplexity against passes, NLL by passes)",
         f"exported model    {export_dir.resolve()}",
         f"  adaponder-generate --model {export_dir.resolve()} --prompt 'import os'",
         f"  AutoModelForCausalLM.from_pretrained('{export_dir.resolve()}', trust_remote_code=True)",

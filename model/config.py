@@ -1,7 +1,7 @@
 """Configuration of AdaPonderLM models and the named presets.
 
 `AdaPonderConfig` keeps every GPT-NeoX field under its `GPTNeoXConfig` name so that a Pythia
-`config.json` maps onto it field by field, and adds the pondering fields of SPEC.md section 1:
+`config.json` maps onto it field by field, and adds the pondering fields of docs/method.md:
 
     num_passes                K, passes of the whole backbone per token (PonderLM: steps + 1)
     scale_embeds              multiply embeddings and the mixture table by sqrt(d)

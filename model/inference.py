@@ -206,7 +206,7 @@ class AdaPonderCache:
 
     def copy_pass(self, source: int, targets: slice, positions: slice) -> None:
         """Pass `source`'s K/V at `positions`, every layer and sequence, into passes `targets`: the
-        passes a halted token did not run hold its last run pass's K/V (SPEC's KV alignment)."""
+        passes a halted token did not run hold its last run pass's K/V (docs/method.md, "K/V reuse")."""
         kv = self._stored()
         kv[targets, ..., positions, :] = kv[source, ..., positions, :]
 

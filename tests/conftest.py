@@ -32,3 +32,63 @@ def train_shards(tmp_path_factory):
     prefix = root / "stdlib_text_document"
     preprocess([str(corpus)], str(tokenizer), str(prefix), progress=False)
     return str(prefix), str(tokenizer)
+
+
+# --- plots: what a figure shows, read back from the figure itself ---------------------------------
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """{file name: figure} of every matplotlib figure saved while the test runs (still saved to disk)."""
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    saved, real = {}, Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        saved[Path(fname).name] = self
+        return real(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def _text_problems(fig) -> list[str]:
+    """Texts of `fig` cut off by its edge, and texts or legends that overlap one another, where the
+    saved picture draws them: titles, axis labels, the tick labels drawn, annotations, legends."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)  # a closed figure keeps no canvas of its own
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    texts = list(fig.texts)
+    boxes = [leg.get_window_extent(renderer) for leg in fig.legends]
+    names = [f"figure legend {i}" for i in range(len(fig.legends))]
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        for axis in (ax.xaxis, ax.yaxis):
+            texts += [tick.label1 for tick in axis._update_ticks() if tick.label1.get_visible()]
+        if ax.get_legend() is not None:
+            boxes.append(ax.get_legend().get_window_extent(renderer))
+            names.append(f"legend of {ax.get_title()!r}")
+    for text in texts:
+        if text.get_visible() and text.get_text().strip():
+            boxes.append(text.get_window_extent(renderer))
+            names.append(repr(text.get_text()))
+    page = fig.bbox
+    problems = [
+        f"{name} is cut off by the figure's edge"
+        for name, box in zip(names, boxes)
+        if box.x0 < page.x0 - 1 or box.y0 < page.y0 - 1 or box.x1 > page.x1 + 1 or box.y1 > page.y1 + 1
+    ]
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            if boxes[i].overlaps(boxes[j]):
+                problems.append(f"{names[i]} overlaps {names[j]}")
+    return problems
+
+
+@pytest.fixture
+def text_problems():
+    return _text_problems

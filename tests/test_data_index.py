@@ -18,7 +18,7 @@ from data.sample_index import build_blend_schedule, build_index, build_sample_id
 
 
 def reference_sample_idx(sizes, doc_idx, seq_len, num_samples):
-    """GPT-NeoX's walk, one sample at a time (infra-notes 1.3)."""
+    """GPT-NeoX's walk, one sample at a time (megatron/data/gpt2_dataset.py, _build_sample_idx)."""
     out = [(0, 0)]
     d, offset = 0, 0
     for _ in range(num_samples):

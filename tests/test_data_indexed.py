@@ -11,7 +11,7 @@ from data import indexed
 from data.indexed import MMapIndexedDataset, MMapIndexedDatasetBuilder, best_fitting_dtype
 from data.preprocess import main as preprocess_main
 
-# infra-notes 1.2's worked example: documents of 4, 3 and 2 tokens, uint16 (code 8), 102 bytes.
+# A worked example of the MMIDIDX layout: documents of 4, 3 and 2 tokens, uint16 (code 8), 102 bytes.
 GOLDEN_IDX = bytes.fromhex(
     "4d4d49444944580000"  # magic
     "0100000000000000"  # version 1

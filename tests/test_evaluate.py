@@ -19,7 +19,9 @@ from training.evaluate import (
     load_model,
     load_tokenizer,
     main,
+    share_label,
     stratified_exits,
+    write_report,
 )
 from training.export import export_checkpoint
 
@@ -287,3 +289,109 @@ def test_local_generation_task_counts_the_generated_tokens_passes(trained, tmp_p
     assert trained_entry["tokens"] > prompts and swept["tokens"] > prompts
     assert trained_entry["mean_passes"] == k
     assert 1 < swept["mean_passes"] < k and swept["compute_vs_dense"] < 1
+
+
+# --- the plots, read back from the figures (synthetic reports: no model needed) ---------------------
+
+
+def synthetic_point(policy, tau, mean_passes, ppl, by_passes, cap=None):
+    return {
+        "policy": policy,
+        "halt_threshold": tau,
+        "max_passes": cap,
+        "nll": math.log(ppl),
+        "ppl": ppl,
+        "mean_passes": mean_passes,
+        "tokens": 1000,
+        "flops_per_token": mean_passes,
+        "compute_vs_k1": mean_passes,
+        "compute_vs_dense": mean_passes / 4,
+        "nll_by_passes": [{"passes": j, "fraction": f, "nll": n} for j, (f, n) in by_passes.items()],
+    }
+
+
+def synthetic_report(path="/data/users/someone/runs/quickstart/hf"):
+    """The quickstart's evaluation in shape: the trained tau and four more, fixed pruning at each; at
+    most taus some pass counts are run by no token, and some by a handful (a share under 1%)."""
+    learned = [
+        synthetic_point("learned", 1e-4, 3.64, 197.4, {1: (0.12, 3.91), 4: (0.88, 5.47)}),
+        synthetic_point("learned", 1e-3, 3.16, 197.5, {1: (0.28, 4.5), 4: (0.72, 5.55)}),
+        synthetic_point("learned", 1e-2, 2.57, 197.8, {1: (0.474, 4.88), 2: (0.004, 5.5), 4: (0.522, 5.66)}),
+        synthetic_point(
+            "learned", 5e-2, 1.79, 198.7, {1: (0.7, 5.1), 2: (0.05, 5.0), 3: (0.002, 5.3), 4: (0.248, 5.9)}
+        ),
+        synthetic_point("learned", 0.2, 1.27, 199.5, {1: (0.857, 5.26), 2: (0.079, 5.01), 4: (0.064, 6.08)}),
+        synthetic_point("learned", 1e-4, 2.0, 199.0, {1: (0.12, 3.9), 2: (0.88, 5.6)}, cap=2),
+    ]
+    fixed = [
+        synthetic_point(
+            policy, None, p["mean_passes"], p["ppl"] + 0.5 + 0.1 * i, {1: (0.5, 5.3), 4: (0.5, 5.3)}
+        )
+        for i, policy in enumerate(("uniform", "geometric"))
+        for p in learned
+    ]
+    model = {"path": path, "checkpoint": None, "step": None, "num_passes": 4, "adaptive": True}
+    model |= {"halt_threshold": 1e-4, "max_passes": None, "parameters": 1_512_000}
+    return {"model": model, "data": {}, "points": learned + fixed, "tasks": {}}
+
+
+def test_nll_plot_has_no_line_or_bar_at_a_pass_count_no_token_ran(tmp_path, saved_figures):
+    report = synthetic_report()
+    write_report(report, tmp_path)
+    fig = saved_figures["nll_by_passes.png"]
+    learned = [p for p in report["points"] if p["policy"] == "learned"]
+    # A line between pass counts would claim values at the counts in between.
+    assert not [line for ax in fig.axes for line in ax.lines if len(line.get_xdata()) > 1]
+    axes = [ax for ax in fig.axes if ax.patches]
+    assert len(axes) == len(learned), "one panel per learned setting"
+    for ax, point in zip(axes, learned):
+        used = {r["passes"] for r in point["nll_by_passes"]}
+        bars = {round(bar.get_x() + bar.get_width() / 2) for bar in ax.patches if bar.get_height() > 0}
+        assert bars == used, (point["halt_threshold"], bars, used)
+        labels = sorted(t.get_text() for t in ax.texts)
+        assert labels == sorted(share_label(r["fraction"]) for r in point["nll_by_passes"])
+    assert "<1%" in [t.get_text() for ax in axes for t in ax.texts], "a handful of tokens is not '0%'"
+    ylabels = {ax.get_ylabel() for ax in fig.axes} - {""}
+    assert ylabels == {"mean NLL (nats per token)"}
+
+
+def test_plots_have_a_title_naming_no_path_and_no_clipped_or_overlapping_text(
+    tmp_path, saved_figures, text_problems
+):
+    report = synthetic_report()
+    write_report(report, tmp_path)
+    assert set(saved_figures) == {"quality_vs_compute.png", "nll_by_passes.png"}
+    for name, fig in saved_figures.items():
+        title = fig._suptitle.get_text() if fig._suptitle else ""
+        assert title.strip(), name
+        texts = [title] + [t.get_text() for ax in fig.axes for t in (ax.title, *ax.texts)]
+        assert not [t for t in texts if "/" in t or "quickstart" in t], (name, texts)
+        assert text_problems(fig) == [], name
+
+
+def test_quality_plot_is_a_curve_per_policy_with_each_tau_named(tmp_path, saved_figures):
+    report = synthetic_report()
+    write_report(report, tmp_path)
+    [ax] = saved_figures["quality_vs_compute.png"].axes
+    curves = {line.get_label(): line for line in ax.lines}
+    swept = curves["learned halting, tau swept"]
+    assert list(swept.get_xdata()) == sorted(p["mean_passes"] for p in report["points"][:5])
+    assert {"fixed pruning, uniform exits", "fixed pruning, geometric exits"} <= set(curves)
+    assert {t.get_text() for t in ax.texts} >= {"tau 0.0001", "tau 0.001", "tau 0.01", "tau 0.05", "tau 0.2"}
+
+
+def test_a_single_setting_or_tasks_without_data_write_no_empty_or_one_dot_plot(tmp_path):
+    report = synthetic_report()
+    tasks_only = report | {
+        "points": [],
+        "tasks": {"tiny_choice": [report["points"][0] | {"metrics": {"acc,none": 0.5}}]},
+    }
+    # A plot left by an earlier evaluation in the same directory would describe another eval.json.
+    (tmp_path / "nll_by_passes.png").write_bytes(b"an earlier plot")
+    written = write_report(tasks_only, tmp_path)
+    assert not (tmp_path / "nll_by_passes.png").exists() and "--data" in written["nll"]
+    assert not (tmp_path / "quality_vs_compute.png").exists() and "--sweep-threshold" in written["quality"]
+    assert written["json"] == tmp_path / "eval.json"
+    one = write_report(report | {"points": report["points"][:1]}, tmp_path / "one")
+    assert not (tmp_path / "one" / "quality_vs_compute.png").exists() and isinstance(one["quality"], str)
+    assert_png(tmp_path / "one" / "nll_by_passes.png")

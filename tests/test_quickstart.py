@@ -8,6 +8,10 @@ import sys
 import pytest
 from test_training_run import REPO, environment
 
+from launcher.quickstart import EVAL_THRESHOLDS, eval_arguments
+from training import evaluate
+from training.config import read_config
+
 
 @pytest.mark.slow
 def test_quickstart_shows_the_whole_life_of_a_run(tmp_path):
@@ -32,10 +36,27 @@ def test_quickstart_shows_the_whole_life_of_a_run(tmp_path):
     assert "exported step 6" in out
     # adaponder-eval on the export: the learned point's table row, and its report on disk.
     assert "evaluation: adaponder-eval" in out and "| learned | 0.0001 |" in out
-    assert json.loads((run / "eval" / "eval.json").read_text())["points"][0]["tokens"] > 0
+    points = json.loads((run / "eval" / "eval.json").read_text())["points"]
+    assert points[0]["tokens"] > 0
+    # Its quality-against-compute plot is a curve: the trained tau and a sweep, and fixed pruning.
+    learned = [p for p in points if p["policy"] == "learned"]
+    assert len(learned) == 1 + len(EVAL_THRESHOLDS.split(",")) and len(points) == 3 * len(learned)
+    assert (run / "eval" / "quality_vs_compute.png").is_file() and (
+        run / "eval" / "nll_by_passes.png"
+    ).is_file()
     # The generated sample shows each token's passes, then their mean.
     sample = out[out.index("sample (greedy") :].splitlines()[1]
     assert sample.startswith("def __init__(self") and sample.count("[") >= 1
     assert "passes per token on average" in out
     assert f"run directory     {run.resolve()}" in out and str((run / "hf").resolve()) in out
     assert (run / "monitor" / "csv" / "train_lm_loss.csv").is_file()
+
+
+def test_quickstart_evaluation_sweeps_tau_against_fixed_pruning(tmp_path):
+    """More than one point per curve: a single dot says nothing a table does not."""
+    cfg = read_config(REPO / "configs" / "quickstart.yaml", [])
+    args = evaluate.build_parser().parse_args(eval_arguments(tmp_path / "hf", cfg, tmp_path / "eval"))
+    taus = [float(t) for t in args.sweep_threshold.split(",")]
+    assert len(taus) >= 3 and len(set(taus)) == len(taus) and all(0 < t < 1 for t in taus)
+    assert args.policies == "uniform,geometric"
+    assert (args.data, args.split, args.split_name) == (cfg.data.train_paths[0], cfg.data.split, "valid")

@@ -78,7 +78,7 @@ def test_shipped_run_configs_validate(path, train_shards, fake_pythia):
     assert cfg.model_config().vocab_size >= 512
 
 
-# SPEC.md section 1 (Pythia's peak learning rates; PonderLM's scripts reuse them).
+# Pythia's peak learning rates (docs/method.md; PonderLM's scripts reuse them).
 PYTHIA_LR = {"70m": 1e-3, "160m": 6e-4, "410m": 3e-4, "1b": 2.5e-4, "1.4b": 2e-4, "2.8b": 1.6e-4}
 
 

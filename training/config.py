@@ -126,7 +126,7 @@ class ScheduleConfig:
 
 @dataclass
 class PonderConfig:
-    """Ponder-loss schedule (SPEC.md section 1) and the gates-only phase of continued pretraining.
+    """Ponder-loss schedule (docs/method.md) and the gates-only phase of continued pretraining.
 
     Stage 1 trains without the ponder loss for `start` units; then the loss weight is
     `loss_weight` and the bottom-k fraction k rises linearly from 0 to `k_max` over `ramp` units.

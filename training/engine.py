@@ -4,7 +4,7 @@ It fills the DeepSpeed JSON from the run config, builds the model under `deepspe
 (ZeRO-3: no rank ever holds the whole model), writes weights into partitioned parameters, and wraps
 the engine behind a small interface (forward, backward, step, learning rates, save, load).
 
-Checkpoint loading avoids the ZeRO-3 weights-only trap (infra-notes 3.3, deepspeedai/DeepSpeed#8499):
+Checkpoint loading avoids the ZeRO-3 weights-only trap (deepspeedai/DeepSpeed#8499):
 it never loads weights alone through the engine. Resuming on the same number of ranks loads the full
 state (module + optimizer) by explicit tag; on another number of ranks (where ZeRO shards do not fit)
 rank 0 rebuilds the fp32 weights from the checkpoint's optimizer shards *with the tag passed* and

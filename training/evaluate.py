@@ -9,7 +9,10 @@ model's own accounting (`out.flops`, `model.accounting.forward_flops`).
     adaponder-eval MODEL --output DIR --tasks TASK,... [--include-path DIR]
     adaponder-eval MODEL --output DIR --data PREFIX --sweep-threshold 0.01,0.1 --policies uniform,geometric
 
-Writes DIR/eval.json, DIR/quality_vs_compute.png and DIR/nll_by_passes.png. The JSON:
+Writes DIR/eval.json and two plots where they have something to show: DIR/quality_vs_compute.png
+(each quality measure against mean passes, learned halting against fixed pruning; written when some
+curve has more than one point, i.e. with a sweep or policies) and DIR/nll_by_passes.png (the held-out
+NLL of tokens grouped by the passes they ran; written with --data). The JSON:
 
     {"model": {...}, "data": {...} | null,
      "points": [{"policy": "learned" | "uniform" | "geometric", "halt_threshold": float | null,
@@ -507,60 +510,120 @@ def primary_metric(metrics: dict[str, float]) -> str | None:
     return names[0] if names else None
 
 
-def plot_quality_vs_compute(report: dict, path: Path) -> None:
-    import matplotlib
+def share_label(fraction: float) -> str:
+    """A share of tokens as a bar label: "<1%" rather than a misleading "0%" for a few tokens."""
+    return "<1%" if 0 < fraction < 0.005 else f"{fraction:.0%}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    panels = []
+def setting_label(p: dict) -> str:
+    """A learned point's setting, e.g. "tau 0.01" or "tau 0.0001, cap 2"."""
+    cap = f", cap {p['max_passes']}" if p["max_passes"] else ""
+    return f"tau {p['halt_threshold']:g}{cap}"
+
+
+def quality_panels(report: dict) -> list[dict[str, Any]]:
+    """What quality_vs_compute.png draws: one panel per quality measure (held-out perplexity, each
+    task's primary metric), each a list of series {"label", "points": [(mean passes, value, note)],
+    "line"}: the learned tau sweep (a line, points annotated with tau), the learned points under a
+    cap (markers), and each fixed-pruning policy (a line through its iso-compute points)."""
+    measures = []
     if report["points"]:
-        panels.append(("perplexity (held-out)", report["points"], lambda p: p["ppl"]))
+        measures.append(("held-out perplexity", "perplexity", report["points"], lambda p: p["ppl"]))
     for task, entries in report["tasks"].items():
         metric = primary_metric(entries[0]["metrics"])
         if metric is not None:
             value = lambda p, m=metric: p["metrics"].get(m, float("nan"))
-            panels.append((f"{task}: {metric}", entries, value))
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4), squeeze=False)
-    for ax, (title, entries, value) in zip(axes[0], panels):
-        for policy in ("learned", *POLICIES):
-            chosen = sorted((p for p in entries if p["policy"] == policy), key=lambda p: p["mean_passes"])
+            measures.append((f"{task}", metric.split(",")[0], entries, value))
+    panels = []
+    for title, ylabel, entries, value in measures:
+        learned = [p for p in entries if p["policy"] == "learned"]
+        groups = [
+            ("learned halting, tau swept", [p for p in learned if not p["max_passes"]], True),
+            ("learned halting under a cap", [p for p in learned if p["max_passes"]], False),
+        ] + [
+            (f"fixed pruning, {policy} exits", [p for p in entries if p["policy"] == policy], True)
+            for policy in POLICIES
+        ]
+        series = []
+        for label, chosen, line in groups:
+            chosen = sorted(chosen, key=lambda p: p["mean_passes"])
             if chosen:
-                ax.plot([p["mean_passes"] for p in chosen], [value(p) for p in chosen], "o-", label=policy)
-        ax.set_xlabel("mean passes per token")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"quality against compute: {report['model']['path']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+                notes = [setting_label(p) if p["policy"] == "learned" else "" for p in chosen]
+                points = [(p["mean_passes"], value(p), n) for p, n in zip(chosen, notes)]
+                series.append({"label": label, "points": points, "line": line and len(points) > 1})
+        panels.append({"title": title, "ylabel": ylabel, "series": series})
+    return panels
 
 
-def plot_nll_by_passes(report: dict, path: Path) -> None:
+def nll_by_passes_bars(report: dict) -> list[dict[str, Any]]:
+    """What nll_by_passes.png draws: per learned point, one bar per pass count that some token ran
+    (its tokens' mean NLL, labelled with their share); a pass count no token ran gets no bar."""
+    return [
+        {
+            "label": f"{setting_label(p)}: {p['mean_passes']:.2f} passes per token",
+            "bars": [(r["passes"], r["nll"], r["fraction"]) for r in p["nll_by_passes"] if r["fraction"] > 0],
+        }
+        for p in report["points"]
+        if p["policy"] == "learned" and p["nll_by_passes"]
+    ]
+
+
+def plots_to_write(report: dict) -> dict[str, str | None]:
+    """For each plot, None when it is written, else why not (a figure with nothing on it, or a single
+    dot, says nothing that eval.json and the printed table do not)."""
+    why: dict[str, str | None] = {"quality": None, "nll": None}
+    if not any(len(s["points"]) > 1 for panel in quality_panels(report) for s in panel["series"]):
+        why["quality"] = "one setting only; --sweep-threshold, --sweep-max-passes or --policies add points"
+    if not nll_by_passes_bars(report):
+        why["nll"] = (
+            "no held-out perplexity (--data) was measured" if not report["points"] else "no learned point"
+        )
+    return why
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for p in report["points"]:
-        if p["policy"] == "learned" and p["nll_by_passes"]:
-            rows = p["nll_by_passes"]
-            cap = f", cap {p['max_passes']}" if p["max_passes"] else ""
-            label = f"tau={p['halt_threshold']:g}{cap} ({p['mean_passes']:.2f} passes)"
-            ax.plot([r["passes"] for r in rows], [r["nll"] for r in rows], "o-", label=label)
-            for r in rows:
-                ax.annotate(f"{r['fraction']:.0%}", (r["passes"], r["nll"]), fontsize=7)
-    ax.set_xticks(range(1, report["model"]["num_passes"] + 1))
-    ax.set_xlabel("passes run (learned halting)")
-    ax.set_ylabel("mean NLL of those tokens (share annotated)")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend()
+    return plt
+
+
+def model_description(report: dict) -> str:
+    """The model in words for a plot title (its size, passes and checkpoint), not its path."""
+    model = report["model"]
+    words = f"{model['parameters'] / 1e6:.1f}M parameters, up to {model['num_passes']} passes"
+    return words + (f", step {model['step']}" if model.get("step") is not None else "")
+
+
+def quality_figure(report: dict):
+    plt = _pyplot()
+    panels = quality_panels(report)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    markers = {"learned halting, tau swept": "o", "learned halting under a cap": "D"}
+    for ax, panel in zip(axes[0], panels):
+        for i, s in enumerate(panel["series"]):
+            xs, ys, notes = zip(*s["points"])
+            style = ("-" if s["line"] else "") + markers.get(
+                s["label"], "s" if "uniform" in s["label"] else "^"
+            )
+            ax.plot(
+                xs, ys, style, color=f"C{i}", label=s["label"], mfc="none" if "fixed" in s["label"] else None
+            )
+            for x, y, note in zip(xs, ys, notes):
+                if note:
+                    ax.annotate(
+                        note, (x, y), fontsize=7, color=f"C{i}", xytext=(4, 4), textcoords="offset points"
+                    )
+        ax.set_xlabel(f"mean passes per token (of {report['model']['num_passes']})")
+        ax.set_ylabel(panel["ylabel"])
+        ax.set_title(panel["title"], fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"Quality against compute: {model_description(report)}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def check_output_dir(output: str | Path) -> None:
@@ -575,24 +638,84 @@ def check_output_dir(output: str | Path) -> None:
         raise ValueError(f"--output {output}: not writable")
 
 
-def write_report(report: dict, output: str | Path) -> dict[str, Path]:
+def nll_by_passes_figure(report: dict):
+    """One panel per learned setting (bars over 1..K side by side in one panel crowd their labels)."""
+    plt = _pyplot()
+    groups = nll_by_passes_bars(report)
+    k = report["model"]["num_passes"]
+    cols = min(len(groups), 3)
+    rows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(max(3.4 * cols + 0.6, 6.5), 2.9 * rows + 0.9), squeeze=False
+    )
+    top = max(nll for g in groups for _, nll, _ in g["bars"]) * 1.15
+    for i, ax in enumerate(axes.flat):
+        if i >= len(groups):
+            ax.remove()
+            continue
+        passes, nlls, fractions = zip(*groups[i]["bars"])
+        ax.bar(passes, nlls, 0.6, color="C0")
+        for x, y, fraction in zip(passes, nlls, fractions):
+            ax.annotate(
+                share_label(fraction),
+                (x, y),
+                ha="center",
+                fontsize=8,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+        ax.set_xticks(range(1, k + 1))
+        ax.set_xlim(0.4, k + 0.6)
+        ax.set_ylim(0, top)
+        ax.set_title(groups[i]["label"], fontsize=9)
+        if i % cols == 0:
+            ax.set_ylabel("mean NLL (nats per token)", fontsize=9)
+        if i >= len(groups) - cols:
+            ax.set_xlabel("passes the token ran", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(
+        f"Held-out NLL of tokens by the passes they ran ({model_description(report)})\n"
+        "bar labels: share of tokens; no bar: no token ran that many passes",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def write_report(report: dict, output: str | Path) -> dict[str, Path | str]:
+    """eval.json and the plots that have something to show. Returns each output's path, or for a
+    plot not written, why; an earlier plot of that name in `output` is removed (it would describe
+    another evaluation than the eval.json beside it)."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": output / "eval.json",
-        "quality": output / "quality_vs_compute.png",
-        "nll": output / "nll_by_passes.png",
+    json_path = output / "eval.json"
+    write_durable(json_path, json.dumps(report, indent=1))  # a full disk keeps the old results
+    written: dict[str, Path | str] = {"json": json_path}
+    figures = {
+        "quality": (quality_figure, "quality_vs_compute.png"),
+        "nll": (nll_by_passes_figure, "nll_by_passes.png"),
     }
-    write_durable(paths["json"], json.dumps(report, indent=1))  # a full disk keeps the old results
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ValueError(
-            f"wrote {paths['json']}; the plots need matplotlib: pip install -e '.[eval]'"
-        ) from None
-    plot_quality_vs_compute(report, paths["quality"])
-    plot_nll_by_passes(report, paths["nll"])
-    return paths
+    reasons = plots_to_write(report)
+    if not all(reasons.values()):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                f"wrote {json_path}; the plots need matplotlib: pip install -e '.[eval]'"
+            ) from None
+    for key, (make, name) in figures.items():
+        path = output / name
+        if reasons[key]:
+            path.unlink(missing_ok=True)
+            written[key] = f"{name} not written: {reasons[key]}"
+            continue
+        fig = make(report)
+        try:
+            fig.savefig(path, dpi=110)
+        finally:
+            _pyplot().close(fig)
+        written[key] = path
+    return written
 
 
 def format_report(report: dict) -> str:
@@ -742,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adaponder-eval: error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
-    print(f"\nwrote {paths['json']}, {paths['quality']}, {paths['nll']}")
+    print("\n" + "\n".join(f"wrote {p}" if isinstance(p, Path) else p for p in paths.values()))
     return 0
 
 

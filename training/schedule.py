@@ -38,7 +38,7 @@ def learning_rate(cfg: ScheduleConfig, peak: float, progress: int, end: int) -> 
 
 
 def ponder_weights(cfg: PonderConfig, progress: int) -> tuple[float, float]:
-    """(lambda, k): 0 through stage 1, then k rises linearly to k_max over `ramp` (SPEC.md 1)."""
+    """(lambda, k): 0 through stage 1, then k rises linearly to k_max over `ramp` (docs/method.md)."""
     if progress <= cfg.start:
         return 0.0, 0.0
     ramped = 1.0 if cfg.ramp == 0 else min(1.0, (progress - cfg.start) / cfg.ramp)
