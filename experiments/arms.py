@@ -132,7 +132,40 @@ PILOT = Scale(
     synthetic_valid_bytes=600_000,
 )
 
-SCALES = {s.name: s for s in (FULL, SMOKE, PILOT)}
+# The second regime pilot, after the first showed PonderLM behind vanilla at 2.4 tokens per
+# parameter with both still learning fast: a model whose backbone is too shallow for the generated
+# programs (2 layers against PonderLM's 8 layer applications) and a 512-token vocabulary, so that
+# 4.1M tokens are about 25 per parameter and capacity, not optimisation speed, limits both arms.
+PILOT2 = Scale(
+    name="pilot2",
+    train_bytes=24_000_000,
+    valid_bytes=3_000_000,
+    vocab_size=512,
+    model={
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 256,
+        "max_position_embeddings": 256,
+    },
+    seq_len=256,
+    batch_size=8,
+    train_steps=2000,
+    warmup=40,
+    lr=2e-3,
+    stage1=1000,
+    ramp=400,
+    checkpoint_interval=100,
+    seeds=(1, 2),
+    eval_windows=0,
+    eval_batch=16,
+    taus=(1e-4,),
+    synthetic_train_bytes=6_000_000,
+    synthetic_valid_bytes=600_000,
+)
+
+SCALES = {s.name: s for s in (FULL, SMOKE, PILOT, PILOT2)}
+PILOTS = ("pilot", "pilot2")
 
 # Declared before the study's runs: "the same quality" means the 95% paired t interval (df = seeds - 1)
 # of the validation-loss difference lies inside +-EQUIVALENCE_MARGIN nats (about 2% of perplexity).

@@ -6,6 +6,7 @@
     python -m experiments.study report             # README.md, table and plots from the result files
     python -m experiments.study run --smoke        # the whole pipeline at toy size (about a minute)
     python -m experiments.study run --pilot --arms vanilla,ponderlm --background   # the regime pilot
+    python -m experiments.study run --scale pilot2 --arms vanilla,ponderlm --background   # its second regime
 
     # Reproduction: seed 1 again from scratch in a fresh work directory, then compared run by run
     python -m experiments.study run --background --seeds 1 --work experiments/work/rerun
@@ -36,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from experiments.arms import SCALES, Arm, Scale, arms, run_config, run_name
+from experiments.arms import PILOTS, SCALES, Arm, Scale, arms, run_config, run_name
 from experiments.corpus import TRAIN_PACKAGES, VALID_PACKAGES, SplitSpec, write_split, write_synthetic
 from experiments.downstream import TASKS
 
@@ -81,7 +82,7 @@ class Layout:
 
 def write_report(layout: Layout) -> Path:
     """README.md, table and plots of the study, or the pilot's own report."""
-    if layout.scale.name == "pilot":
+    if layout.scale.name in PILOTS:
         from experiments.pilot import write_pilot_report as writer
     else:
         from experiments.report import write_report as writer
@@ -503,9 +504,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--smoke", action="store_true", help="toy sizes: the whole pipeline in about a minute"
     )
     parser.add_argument(
-        "--pilot", action="store_true", help="the regime pilot's scale (results in experiments/pilot)"
+        "--pilot",
+        action="store_true",
+        help="the first regime pilot (--scale pilot; results in experiments/pilot)",
     )
-    parser.add_argument("--work", help="run state (default experiments/work/SCALE: full, smoke or pilot)")
+    parser.add_argument(
+        "--scale",
+        choices=sorted(SCALES),
+        help="the study's scale (default full); the pilots write their results to experiments/SCALE",
+    )
+    parser.add_argument("--work", help="run state (default experiments/work/SCALE)")
     parser.add_argument(
         "--out", help="results and README (default: experiments/ for the full study in its WORK, or WORK/out)"
     )
@@ -519,12 +527,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def layout_of(args: argparse.Namespace) -> Layout:
-    scale = SCALES["smoke" if args.smoke else "pilot" if args.pilot else "full"]
+    scale = SCALES[args.scale or ("smoke" if args.smoke else "pilot" if args.pilot else "full")]
     default_work = (EXPERIMENTS / "work" / scale.name).resolve()
     work = Path(args.work or default_work).resolve()
     # Only the full study and the pilot in their own work directories write the committed results: a
     # rerun elsewhere must not find them and take its runs for done.
-    committed = {"full": EXPERIMENTS, "pilot": EXPERIMENTS / "pilot"}.get(scale.name)
+    committed = {"full": EXPERIMENTS, **{name: EXPERIMENTS / name for name in PILOTS}}.get(scale.name)
     out = committed if committed is not None and work == default_work else work / "out"
     return Layout(scale, work, Path(args.out or out).resolve())
 
@@ -575,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         except BlockingIOError:
             print(f"another study is running on {work} (lock {work / 'study.lock'})", file=sys.stderr)
             return 2
-        base = ["--work", str(work), "--out", str(out)] + [f"--{scale.name}"] * (scale.name != "full")
+        base = ["--work", str(work), "--out", str(out), "--scale", scale.name]
         if args.exit_at_step is not None:
             base += ["--exit-at-step", str(args.exit_at_step)]
         only = args.arms.split(",") if args.arms else None

@@ -4,7 +4,12 @@ The rule K = where(m^i, K_new, K_prev) of model/ponder.py, addressed three ways:
   - every row (`aligned_where`): every token computes K/V and `where` keeps a halted token's;
   - packed (`PassLayout` with `slot_n`): only the active tokens of the batch, [n, D], are computed;
     their K/V rows replace the previous pass's in the K/V store (`_store`), and attention runs on a
-    padded query grid [R, C] (row r: the r-th sequence with an active token);
+    query grid of R rows (row r: the r-th sequence with an active token). Without a cache and with
+    padding only on the right (training, the evaluation forward) a token's query sits at its own
+    position of an [R, L] grid under plain causal attention: no mask, no T^2 tensor, and SDPA's
+    fused kernels apply (flash on CPU and GPU; tests/test_fused_attention.py). A cached chunk or a
+    left-padded prefill packs the active tokens into an [R, C] grid with a [R, 1, C, S] mask
+    (C at most the chunk's length);
   - full grid (`PassLayout` without `slot_n`): every chunk position is real and active (decode, or
     training before anyone halts), [B, T], no gather or scatter.
 
@@ -53,9 +58,10 @@ class PassLayout:
     pos_n: torch.Tensor | None = None  # [n] its store position
     rows_R: torch.Tensor | None = None  # sequences with an active token; None: all B
     slot_n: torch.Tensor | None = None  # [n] flat index into the [R, C] grid
-    width: int = 0  # C
+    width: int = 0  # C (masked grid) or L (causal grid)
     mask: torch.Tensor | None = None  # [R, 1, C, S] bool, True: attend; None: see is_causal
     is_causal: bool = False
+    keys: int = 0  # store positions attention reads (0: all of them, `end`)
 
     @property
     def full(self) -> bool:
@@ -64,6 +70,15 @@ class PassLayout:
     @property
     def end(self) -> int:
         return self.past + self.chunk_len
+
+    @property
+    def key_len(self) -> int:
+        return self.keys or self.end
+
+    @property
+    def num_rows(self) -> int:
+        """R, the query grid's rows (a static shape: no synchronisation)."""
+        return self.batch_size if self.rows_R is None else self.rows_R.shape[0]
 
 
 def _visible(q_pos_RC: torch.Tensor, real_RS: torch.Tensor) -> torch.Tensor:
@@ -97,7 +112,11 @@ class Rows:
     n: int  # tokens selected
     num_rows: int  # R: sequences with a selected token
     width: int  # C: most tokens selected in one sequence
+    span: int  # L: most chunk positions up to and including a sequence's last selected token
     counts_B: torch.Tensor  # [B] tokens selected per sequence (on the device)
+    # The chunk's real tokens are a prefix of every sequence (no padding, or padding on the right
+    # only): with no cached positions, causal attention then never lets a real query see padding.
+    real_prefix: bool = False
 
 
 def packed_layout(
@@ -110,22 +129,36 @@ def packed_layout(
     cos_XR: torch.Tensor,
     sin_XR: torch.Tensor,
     real_BS: torch.Tensor,
+    causal: bool,
 ) -> PassLayout:
-    """Layout of the selected chunk positions `flat_n` (sorted indices into B*T; may be empty)."""
+    """Layout of the selected chunk positions `flat_n` (sorted indices into B*T; may be empty).
+
+    `causal` (no cached positions, real tokens a prefix of every sequence: training and the
+    evaluation forward): the query grid is [R, L], a token at its own position, and attention is
+    plainly causal over the first L keys, so no mask exists and fused kernels (flash, memory
+    efficient) apply. Grid slots of halted or padding positions query with zeros and are discarded.
+    Otherwise (a cached chunk, left padding) the grid is [R, C], the active tokens of a row packed
+    into its first columns, with a [R, 1, C, S] mask; C is at most the chunk's length there.
+    """
     n, device = rows.n, flat_n.device
     batch_n, pos_n = flat_n // t, past + flat_n % t
     has_B = rows.counts_B > 0
     rows_R = torch.nonzero_static(has_B, size=rows.num_rows).squeeze(-1)
     row_n = (has_B.cumsum(0) - 1)[batch_n]  # grid row of each token's sequence
+    all_rows = rows.num_rows == b
+    cos_n, sin_n = cos_XR[flat_n][None, None], sin_XR[flat_n][None, None]  # [1, 1, n, R]
+    sel = None if all_rows else rows_R
+    if causal:
+        assert past == 0, "a causal grid's queries sit at their positions from the chunk's start"
+        slot_n = row_n * rows.span + pos_n
+        layout = (batch_n, pos_n, sel, slot_n, rows.span)
+        return PassLayout(b, t, past, in_place, cos_n, sin_n, *layout, is_causal=True, keys=rows.span)
     first_B = rows.counts_B.cumsum(0) - rows.counts_B  # its sequence's first packed index
     slot_n = row_n * rows.width + torch.arange(n, device=device) - first_B[batch_n]
     # Unused grid slots query the last position: a finite row (the sequence has a real key), discarded.
     q_pos_X = torch.full((rows.num_rows * rows.width,), past + t - 1, dtype=torch.long, device=device)
     q_pos_X[slot_n] = pos_n
-    all_rows = rows.num_rows == b
     mask = _visible(q_pos_X.view(rows.num_rows, rows.width), real_BS if all_rows else real_BS[rows_R])
-    cos_n, sin_n = cos_XR[flat_n][None, None], sin_XR[flat_n][None, None]  # [1, 1, n, R]
-    sel = None if all_rows else rows_R
     return PassLayout(b, t, past, in_place, cos_n, sin_n, batch_n, pos_n, sel, slot_n, rows.width, mask)
 
 
@@ -183,12 +216,12 @@ def packed_attention(
         q, k, v = attn.project(x_nD[None], lay.cos, lay.sin)  # [1, N, n, H]
         keys = _store(k_prev, k[0].transpose(0, 1), lay)
         values = _store(v_prev, v[0].transpose(0, 1), lay)
-        num_rows = lay.mask.shape[0]
+        num_rows = lay.num_rows
         q_XNH = q.new_zeros(num_rows * lay.width, num_heads, head_size).index_put(
             (lay.slot_n,), q[0].transpose(0, 1)
         )
         q_RNCH = q_XNH.view(num_rows, lay.width, num_heads, head_size).transpose(1, 2)
-    keys_RNSH, values_RNSH = keys.narrow(2, 0, lay.end), values.narrow(2, 0, lay.end)
+    keys_RNSH, values_RNSH = keys.narrow(2, 0, lay.key_len), values.narrow(2, 0, lay.key_len)
     if lay.rows_R is not None:
         keys_RNSH = keys_RNSH.index_select(0, lay.rows_R)
         values_RNSH = values_RNSH.index_select(0, lay.rows_R)

@@ -93,14 +93,21 @@ def first_read(
     """The forward's first host read, one transfer: whether input_ids (and exit_passes) lie in
     range, and the sizes of the real positions (the packed strategy's pass 0)."""
     if not input_ids.numel():
-        return Rows(0, 0, 0, real_BT.sum(1))
+        return Rows(0, 0, 0, 0, real_BT.sum(1), real_prefix=True)
     counts_B = real_BT.sum(1)
     ids_bad = ((input_ids < 0) | (input_ids >= model.config.vocab_size)).any()
     exit_bad = ids_bad.new_zeros(())
     if exit_passes is not None:
         exit_bad = ((exit_passes < 1) | (exit_passes > model.config.num_passes)).any()
-    n, num_rows, width, bad_ids, bad_exits = read_host(
-        counts_B.sum(), (counts_B > 0).sum(), counts_B.max(), ids_bad, exit_bad
+    gap = (real_BT[:, 1:] & ~real_BT[:, :-1]).any()  # a real token after padding
+    n, num_rows, width, span, bad_ids, bad_exits, gaps = read_host(
+        counts_B.sum(),
+        (counts_B > 0).sum(),
+        counts_B.max(),
+        _span(real_BT.reshape(-1), real_BT.shape[1]),
+        ids_bad,
+        exit_bad,
+        gap,
     )
     if bad_ids:
         low, high = (int(x) for x in input_ids.aminmax())
@@ -110,15 +117,25 @@ def first_read(
     if bad_exits:
         low, high = (int(x) for x in exit_passes.aminmax())
         raise ValueError(f"exit_passes must lie in [1, {model.config.num_passes}], got [{low}, {high}]")
-    return Rows(n, num_rows, width, counts_B)
+    return Rows(n, num_rows, width, span, counts_B, real_prefix=not gaps)
 
 
-def selected_rows(keep_n: torch.Tensor, batch_n: torch.Tensor, batch_size: int) -> Rows:
-    """The rows `keep_n` selects among tokens of sequences `batch_n`, sizes read in one transfer."""
-    counts_B = torch.zeros(batch_size, dtype=torch.long, device=keep_n.device)
-    counts_B.index_add_(0, batch_n, keep_n.long())
-    n, num_rows, width = read_host(counts_B.sum(), (counts_B > 0).sum(), counts_B.max())
-    return Rows(n, num_rows, width, counts_B)
+def _span(keep_X: torch.Tensor, t: int, flat_X: torch.Tensor | None = None) -> torch.Tensor:
+    """[] most chunk positions up to and including a sequence's last kept token (0: none kept);
+    `flat_X` the chunk indices of `keep_X` (None: all B*T in order)."""
+    if flat_X is None:
+        flat_X = torch.arange(keep_X.numel(), device=keep_X.device)
+    return (((flat_X % t) + 1) * keep_X).max() if keep_X.numel() else keep_X.new_zeros((), dtype=torch.long)
+
+
+def selected_rows(keep_n: torch.Tensor, flat_n: torch.Tensor, b: int, t: int) -> Rows:
+    """The rows `keep_n` selects among chunk positions `flat_n`, sizes read in one transfer."""
+    counts_B = torch.zeros(b, dtype=torch.long, device=keep_n.device)
+    counts_B.index_add_(0, flat_n // t, keep_n.long())
+    n, num_rows, width, span = read_host(
+        counts_B.sum(), (counts_B > 0).sum(), counts_B.max(), _span(keep_n, t, flat_n)
+    )
+    return Rows(n, num_rows, width, span, counts_B)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,8 +239,10 @@ def ponder_packed(
     cfg = model.config
     b, t = input_ids_BT.shape
     device = input_ids_BT.device
-    rows = real_rows or selected_rows(real_BT.reshape(-1), torch.arange(b * t, device=device) // t, b)
+    rows = real_rows or selected_rows(real_BT.reshape(-1), torch.arange(b * t, device=device), b, t)
     n_real = rows.n
+    # Queries at their own positions under plain causal attention (model.kv.packed_layout).
+    causal = past == 0 and rows.real_prefix
     chunk_all_real = n_real == b * t
     keys_all_real = chunk_all_real and (real_BS is real_BT or bool(real_BS.all()))
     cos_XR, sin_XR = cos[:, 0].reshape(b * t, -1), sin[:, 0].reshape(b * t, -1)
@@ -246,7 +265,7 @@ def ponder_packed(
             lay = full_layout(b, t, past, kv.in_place, cos, sin, real_BS, keys_all_real)
             active_KX[i] = True
         else:
-            lay = packed_layout(flat_n, rows, b, t, past, kv.in_place, cos_XR, sin_XR, real_BS)
+            lay = packed_layout(flat_n, rows, b, t, past, kv.in_place, cos_XR, sin_XR, real_BS, causal)
             active_KX[i, flat_n] = True
         if i == 0 and pass0_h_BTD is not None:
             h_nD = pass0_h_BTD.reshape(b * t, -1)
@@ -300,8 +319,9 @@ def _ponder_step(
     gate_X = s_n if flat_n is None else s_n.new_zeros(b * t).index_put((flat_n,), s_n)
     exit_n = None if exit_X is None else exit_X if flat_n is None else exit_X[flat_n]
     keep_n = continues(s_n, tau, pass_idx, exit_n)
-    batch_n = (torch.arange(b * t, device=keep_n.device) if flat_n is None else flat_n) // t
-    kept = selected_rows(keep_n, batch_n, b)
+    kept = selected_rows(
+        keep_n, torch.arange(b * t, device=keep_n.device) if flat_n is None else flat_n, b, t
+    )
     if kept.n < keep_n.numel():  # the halted rows leave the packed matrix: m^{i+1} = 1 for the rest
         idx = torch.nonzero_static(keep_n, size=kept.n).squeeze(-1)
         h_nD, e_nD, s_n = h_nD[idx], e_nD[idx], s_n[idx]

@@ -14,7 +14,7 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 from model import AdaPonderForCausalLM
-from tests.tiny_models import tiny
+from tests.helpers import tiny
 from training import engine as ds
 from training.config import OptimizerConfig
 from training.optim import param_groups, set_backbone_trainable
@@ -52,7 +52,7 @@ def main() -> None:
     model.initialize_weights_with(ds.gather_for_write)
     if sys.argv[2] == "checkpointing":
         model.activation_checkpointing_enable()  # recomputed layers must not bring weight gradients back
-    # Gates spread around tau = 0.5 (as in tests/tiny_models.py), so tokens halt after every pass.
+    # Gates spread around tau = 0.5 (as in tests/helpers.py), so tokens halt after every pass.
     for gate in model.ponder_gates:
         with ds.gather_for_write(list(gate.dense_out.parameters())), torch.no_grad():
             gate.dense_out.weight.normal_(0.0, 2.0)

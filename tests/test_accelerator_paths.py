@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.distributed as torch_dist
+from helpers import tiny
 
 from model import AdaPonderForCausalLM
-from tests.tiny_models import tiny
 from training import engine as ds
 
 COLLECTIVES = (
@@ -74,8 +74,9 @@ def test_write_weights_broadcasts_on_the_device_zero12(nccl_like):
 def test_a_pass_where_every_token_halted_hands_sdpa_no_empty_batch(monkeypatch):
     """Training runs every pass on every rank (ZeRO-3), also with no active token left; fused
     attention kernels reject an empty batch, so SDPA must not see one."""
+    from helpers import VOCAB, random_halting_model
+
     import model.kv as sparse
-    from tests.tiny_models import VOCAB, random_halting_model
 
     real_sdpa = sparse.F.scaled_dot_product_attention
     calls = []

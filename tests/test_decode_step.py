@@ -3,8 +3,7 @@ dense one."""
 
 import pytest
 import torch
-from test_inference import left_padded_batch
-from tiny_models import VOCAB, random_halting_model
+from helpers import VOCAB, left_padded_batch, random_halting_model
 
 import model.ponder as ponder
 from model.accounting import decode_bytes

@@ -6,8 +6,7 @@ import weakref
 
 import pytest
 import torch
-from test_inference import left_padded_batch
-from tiny_models import random_halting_model
+from helpers import left_padded_batch, random_halting_model
 
 import model.modeling as modeling
 from model import AdaPonderForCausalLM

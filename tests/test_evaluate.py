@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_training_run import make_config, run_dir, train
+from helpers import make_config, run_dir, train
 
 from data.dataset import split_range
 from data.indexed import MMapIndexedDataset

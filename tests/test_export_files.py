@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_training_run import make_config, run_dir, train
+from helpers import make_config, run_dir, train
 
 from training.export import export_checkpoint
 

@@ -7,7 +7,7 @@ import collections
 
 import pytest
 import torch
-from tiny_models import VOCAB, random_halting_model
+from helpers import VOCAB, random_halting_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.inference import AdaPonderCache

@@ -3,25 +3,12 @@ cache's contents, generate() and the adaponder-generate command."""
 
 import pytest
 import torch
-from tiny_models import VOCAB, random_halting_model, tiny
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+from helpers import VOCAB, left_padded_batch, random_halting_model, save_tiny_tokenizer, tiny
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from launcher import generate as generate_cli
 from model import AdaPonderForCausalLM
 from model.inference import AdaPonderCache
-
-
-def left_padded_batch(lengths, total, seed=0):
-    """ids, attention_mask and transformers-style position ids of sequences left-padded to `total`."""
-    ids = torch.randint(1, VOCAB, (len(lengths), total), generator=torch.Generator().manual_seed(seed))
-    mask = torch.zeros(len(lengths), total, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, total - n :] = 1
-    ids = ids * mask
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
-
 
 MODELS = {
     "adaptive": lambda: random_halting_model(seed=3).eval(),
@@ -257,15 +244,6 @@ def test_cache_memory_and_user_errors():
         model.generate(ids, cache=AdaPonderCache(cfg), use_cache=False, max_new_tokens=2, pad_token_id=0)
     with pytest.raises(ValueError, match="for inference"):
         model.train()(ids, cache=AdaPonderCache(cfg))
-
-
-def save_tiny_tokenizer(path):
-    """Word-level tokenizer over a few words; id 0 is the end of text."""
-    words = ["<|endoftext|>"] + [f"w{i}" for i in range(VOCAB - 1)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
-    tokenizer.save_pretrained(path)
 
 
 def test_generate_command_prints_completions_with_passes(tmp_path, capsys):

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_inference import save_tiny_tokenizer
-from tiny_models import random_halting_model
+from helpers import random_halting_model, save_tiny_tokenizer
 
 import data.preprocess as preprocess_module
 from data.config import DataConfig
@@ -162,7 +161,7 @@ def test_generate_refuses_to_run_past_the_models_positions(tmp_path):
     random_halting_model().eval().save_pretrained(tmp_path)  # 64 positions
     save_tiny_tokenizer(tmp_path)
     model = generate_cli.load_model(str(tmp_path), "cpu")
-    tokenizer = generate_cli.AutoTokenizer.from_pretrained(str(tmp_path))
+    tokenizer = generate_cli.load_tokenizer(str(tmp_path))
     with pytest.raises(
         ValueError, match="prompt \\(60 tokens\\) plus --max-new-tokens 8 runs past the model's 64"
     ):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_run import command, environment, make_config
+from helpers import command, environment, make_config
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from model import AdaPonderConfig, AdaPonderForCausalLM
@@ -90,10 +90,13 @@ def test_zero2_gets_its_own_buckets():
     assert not any(key.startswith("stage3_") for key in zero)
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["packed", "every-row"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
-def test_activation_estimate_matches_the_measured_forward_and_backward(checkpointing):
+def test_activation_estimate_matches_the_measured_forward_and_backward(checkpointing, dense):
     """torch's MemTracker counts every live tensor on CPU: the activations left at the end of the
-    forward, and the peak of forward + backward over the parameters."""
+    forward, and the peak of forward + backward over the parameters, for the packed strategy the
+    trainer runs (`ponder.sparse_training`, nobody halting: the plan's worst case) and for the
+    every-row one."""
     torch.manual_seed(0)
     config = AdaPonderConfig.from_preset(
         "tiny", hidden_size=128, intermediate_size=512, vocab_size=4096, num_hidden_layers=2
@@ -105,7 +108,7 @@ def test_activation_estimate_matches_the_measured_forward_and_backward(checkpoin
     tracker = MemTracker()
     tracker.track_external(model)
     with tracker:
-        out = model(input_ids=tokens_BT1[:, :-1], labels=tokens_BT1[:, 1:], shift_labels=False)
+        out = model(input_ids=tokens_BT1[:, :-1], labels=tokens_BT1[:, 1:], shift_labels=False, dense=dense)
         after_forward = tracker.get_tracker_snapshot("current")[torch.device("cpu")]["Total"]
         out.loss.backward()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]

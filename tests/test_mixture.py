@@ -3,7 +3,7 @@ plain autograd formula, and the absence of vocabulary-sized activations."""
 
 import pytest
 import torch
-from tiny_models import VOCAB, random_halting_model
+from helpers import VOCAB, random_halting_model
 
 import model.mixture as mixture
 import model.modeling as modeling

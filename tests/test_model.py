@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import VOCAB, random_halting_model, tiny
+from helpers import VOCAB, random_halting_model, tiny
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from model import AdaPonderConfig, AdaPonderForCausalLM

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import psutil
-from test_training_run import REPO, environment, make_config, run_dir, summary
+from helpers import REPO, environment, make_config, run_dir, summary
 
 from training.checkpoint import latest_tag, tag_for
 from training.distributed import free_port

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from test_training_run import REPO, environment
+from helpers import REPO, environment
 
 from launcher.quickstart import EVAL_THRESHOLDS, eval_arguments
 from training import evaluate

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_training_run import environment, make_config, run_dir, summary
+from helpers import environment, make_config, run_dir, summary
 
 from training import rank_status
 from training.distributed import free_port

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_training_run import command, environment, make_config, run_dir
+from helpers import command, environment, make_config, run_dir
 
 from training import engine
 

@@ -2,7 +2,7 @@
 
 import json
 
-from test_training_run import make_config, run_dir, train
+from helpers import make_config, run_dir, train
 
 RUN = {"train_steps": 4, "checkpoint__interval": 2, "logging__eval_interval": 2}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_run import PRETRAIN, REPO, command, environment, make_config, run_dir, summary, train
+from helpers import PRETRAIN, REPO, command, environment, make_config, run_dir, summary, train
 
 from training.checkpoint import _describe_own_files, _prune, latest_tag, tag_for, write_manifest
 from training.export import main as export_main
@@ -157,8 +157,11 @@ def test_a_second_launch_on_a_live_run_directory_is_refused_and_a_killed_run_lea
     finally:
         first.kill()
         first.wait(timeout=60)
-    train(config, "exit_at_step=1", nproc=1)  # the killed run's lock went with its process
-    assert summary(run_dir(config))["status"] == "stopped at exit_at_step=1"
+    # The killed run's lock went with its process: a relaunch resumes its last checkpoint.
+    tag = latest_tag(run_dir(config) / "checkpoints")
+    stop = (int(tag.split("-")[-1]) if tag else 0) + 1
+    train(config, f"exit_at_step={stop}", nproc=1)
+    assert summary(run_dir(config))["status"] == f"stopped at exit_at_step={stop}"
 
 
 # Runs the training entry point with os.fsync, os.replace and shutil.rmtree recorded, in order.

@@ -3,8 +3,7 @@ every parameter's gradient (fp32, 1e-5), while tokens halt after every pass."""
 
 import pytest
 import torch
-from test_inference import left_padded_batch
-from tiny_models import VOCAB, random_halting_model
+from helpers import VOCAB, left_padded_batch, random_halting_model
 
 
 def training_step(model, ids, mask, dense, **kwargs):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import torch
-from test_training_run import REPO, environment
+from helpers import REPO, environment
 
 from training.distributed import free_port
 

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from test_inference import left_padded_batch, save_tiny_tokenizer
-from tiny_models import random_halting_model
+from helpers import left_padded_batch, random_halting_model, save_tiny_tokenizer
 
 from launcher import generate as generate_cli
 from model import speculative

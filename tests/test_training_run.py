@@ -8,7 +8,6 @@ resumed runs must match bit for bit.
 import csv
 import hashlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -21,81 +20,23 @@ import psutil
 import pytest
 import torch
 import yaml
+from helpers import (
+    GLOBAL_BATCH,
+    PRETRAIN,
+    REPO,
+    STEPS,
+    command,
+    environment,
+    make_config,
+    run_dir,
+    summary,
+    train,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from training.checkpoint import latest_tag, tag_for
-from training.distributed import free_port
 from training.engine import consolidated_optimizer_state, consolidated_state_dict
 from training.metrics import EVAL_SCALARS, TRAIN_SCALARS
-
-REPO = Path(__file__).resolve().parents[1]
-PRETRAIN = REPO / "training" / "pretrain.py"
-STEPS = 8
-GLOBAL_BATCH = 8
-
-
-def make_config(tmp_path: Path, train_shards, name: str, **changes) -> Path:
-    prefix, tokenizer = train_shards
-    tree = {
-        "run_dir": str(tmp_path / name),
-        "model": {"preset": "tiny"},
-        "data": {"train_paths": [prefix], "tokenizer": tokenizer, "split": "95,5,0", "num_workers": 1},
-        "optimizer": {"lr": 3e-3},
-        "schedule": {"warmup": 2},
-        "ponder": {"start": 4, "ramp": 4},  # the ponder loss comes on halfway
-        "checkpoint": {"interval": 4, "keep_last": 2},
-        "logging": {"log_interval": 1, "eval_interval": 4, "eval_samples": 8, "peak_tflops": 0.1},
-        "seq_len": 32,
-        "micro_batch_size": 4,
-        "global_batch_size": GLOBAL_BATCH,
-        "train_steps": STEPS,
-        "precision": "fp32",
-        "deepspeed_config": str(REPO / "ds_configs" / "zero3.json"),
-    }
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split("__")
-        node = tree
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
-
-
-def command(config: Path, *overrides: str, nproc: int = 2, launcher: str = "torchrun") -> list[str]:
-    if nproc == 1:
-        return [sys.executable, str(PRETRAIN), "--config", str(config), *overrides]
-    if launcher == "deepspeed":
-        runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
-    else:
-        runner = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    return [*runner, "--master_port", str(free_port()), str(PRETRAIN), "--config", str(config), *overrides]
-
-
-def environment() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    env.update(PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    return env
-
-
-def train(config: Path, *overrides: str, nproc: int = 2, launcher: str = "torchrun", expect: int = 0):
-    result = subprocess.run(
-        command(config, *overrides, nproc=nproc, launcher=launcher),
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
-def run_dir(config: Path) -> Path:
-    return Path(yaml.safe_load(config.read_text())["run_dir"])
 
 
 def scalars(run: Path) -> dict[str, dict[int, float]]:
@@ -107,10 +48,6 @@ def scalars(run: Path) -> dict[str, dict[int, float]]:
 
 def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
     return consolidated_state_dict(run / "checkpoints", tag_for(step))
-
-
-def summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
 
 
 def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
@@ -428,7 +365,8 @@ def test_continued_pretraining_trains_the_gates_alone_then_rewarms_the_backbone(
     config.write_text(yaml.safe_dump(config_tree))
     result = train(config, "exit_at_step=2")  # stops as the gates-only phase ends
     assert "evaluating" in result.stdout and "as loaded (step 0)" in result.stdout
-    assert summary(run_dir(config))["initial_eval"]["lm_loss"] > 0
+    initial_eval = summary(run_dir(config))["initial_eval"]
+    assert initial_eval["lm_loss"] > 0
     resumed = train(config)
     assert "(full state) at step 2" in resumed.stdout and "as loaded (step 0)" not in resumed.stdout
     run = run_dir(config)
@@ -450,8 +388,9 @@ def test_continued_pretraining_trains_the_gates_alone_then_rewarms_the_backbone(
     assert logged["train/lr_backbone"][3] == pytest.approx(logged["train/lr"][3] / 2)  # half-way re-warmed
     assert logged["train/lr_backbone"][4] == pytest.approx(logged["train/lr"][4])
     assert all(logged["train/lr_gates"][s] > 0 for s in range(1, 5))
-    # The step-0 evaluation belongs to the first launch; the resumed one does not repeat it.
-    assert sorted(logged["eval/lm_loss"]) == [0, 4] and summary(run)["initial_eval"] is None
+    # The step-0 evaluation belongs to the first launch: the resumed one neither repeats it nor drops
+    # it from the run's record.
+    assert sorted(logged["eval/lm_loss"]) == [0, 4] and summary(run)["initial_eval"] == initial_eval
 
 
 def test_first_evaluation_is_the_loaded_checkpoints_own_validation_loss(tmp_path, train_shards):

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model import AdaPonderForCausalLM  # noqa: E402
-from tests.tiny_models import VOCAB, tiny  # noqa: E402
+from tests.helpers import VOCAB, tiny  # noqa: E402
 from training import distributed as dist  # noqa: E402
 from training import engine as ds  # noqa: E402
 from training.config import plan_batches, read_config  # noqa: E402
