@@ -102,11 +102,14 @@ def write_pilot_report(layout) -> Path:
         verdict = "No seed has both arms evaluated yet."
     else:
         passed = statistics.fmean(mixture) >= DECISION_NATS and all(g > 0 for g in mixture)
+        # A seed with no gain decides the rule; a pass needs every seed of the scale.
+        decided = not passed or len(mixture) == len(scale.seeds)
+        outcome = ("PASSES" if passed else "FAILS") if decided else "PASSES SO FAR (not decided)"
         verdict = (
-            f"{'PASSES' if passed else 'FAILS'}: PonderLM's paired gain on the mixture is "
+            f"{outcome}: PonderLM's paired gain on the mixture is "
             f"{statistics.fmean(mixture):+.4f} nats over {len(mixture)} seed(s) "
             f"({', '.join(f'{g:+.4f}' for g in mixture)}); the rule asks for a mean of at least "
-            f"{DECISION_NATS} nats with every seed positive."
+            f"{DECISION_NATS} nats with every seed positive, over seeds {', '.join(map(str, scale.seeds))}."
         )
     walls = {arm: [r["train_wall_seconds"] for (a, _), r in results.items() if a == arm] for arm in ARMS}
     cost = ", ".join(f"{arm} {statistics.fmean(w) / 60:.0f} min" for arm, w in walls.items() if w)

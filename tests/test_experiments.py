@@ -102,8 +102,16 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
     assert json.loads(path.read_text()) == full
     assert not backfill_training_curve(layout, "adaponder-s1")
 
+
+# Opt-in: a second smoke study and its rerun; the default suite checks that the study stops, resumes
+# and reports, and tests/test_training_run.py that a stopped and resumed run equals an uninterrupted one.
+@pytest.mark.optin
+def test_a_rerun_from_scratch_reproduces_a_stopped_and_resumed_study(tmp_path):
+    out = tmp_path / "out"
+    study(tmp_path, "run", "--arms", "vanilla,adaponder", "--exit-at-step", "4")
+    study(tmp_path, "run", "--arms", "vanilla,adaponder")
     # From scratch in a fresh work directory, uninterrupted: the same data bytes and the same
-    # results as the study above, whose adaptive run was stopped and resumed.
+    # results as the study above, whose runs were stopped and resumed.
     study(tmp_path, "run", "--arms", "vanilla,adaponder", work="rerun", out="rerun/out")
     compared = study(tmp_path, "compare", "--rerun", str(tmp_path / "rerun"))
     assert "data: same bytes" in compared.stdout
@@ -111,7 +119,7 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
     assert [r["run"] for r in reproduction["runs"]] == ["adaponder-s1", "vanilla-s1"]
     assert all(r["verdict"] == "same" for r in reproduction["runs"]), reproduction
     resumed = {r["run"]: (r["resumes_reference"], r["resumes_rerun"]) for r in reproduction["runs"]}
-    assert resumed == {"adaponder-s1": (1, 0), "vanilla-s1": (0, 0)}
+    assert resumed == {"adaponder-s1": (1, 0), "vanilla-s1": (1, 0)}
     assert "## Reproduction from scratch" in (out / "README.md").read_text()
     # A rerun that does not reproduce fails the command and says so in the report.
     rerun_result = tmp_path / "rerun" / "out" / "results" / "by_run" / "vanilla-s1.json"
@@ -126,6 +134,10 @@ def test_only_the_full_study_in_its_own_work_directory_writes_the_committed_resu
     from experiments.study import EXPERIMENTS, layout_of, parse_args
 
     assert layout_of(parse_args(["status"])).out == EXPERIMENTS
+    assert layout_of(parse_args(["status", "--pilot"])).out == EXPERIMENTS / "pilot"
+    assert layout_of(parse_args(["status", "--scale", "pilot2"])).out == EXPERIMENTS / "pilot2"
+    elsewhere = layout_of(parse_args(["run", "--scale", "pilot2", "--work", str(tmp_path)]))
+    assert elsewhere.out == tmp_path / "out"
     rerun = layout_of(parse_args(["run", "--seeds", "1", "--work", str(tmp_path / "rerun")]))
     assert rerun.out == tmp_path / "rerun" / "out"
     assert layout_of(parse_args(["run", "--smoke"])).out == EXPERIMENTS / "work" / "smoke" / "out"
@@ -209,6 +221,8 @@ def _passes_by_step(tmp_path: Path, train_shards, halt_during_stage1: bool) -> d
     return {e.step: e.value for e in events.Scalars("ponder/mean_passes")}
 
 
+# Opt-in: the smoke study trains the adaponder-hold arm that uses the option.
+@pytest.mark.optin
 def test_halting_held_off_during_stage1_only(tmp_path, train_shards):
     assert _passes_by_step(tmp_path, train_shards, halt_during_stage1=False) == {1: 4.0, 2: 1.0}
     assert _passes_by_step(tmp_path, train_shards, halt_during_stage1=True) == {1: 1.0, 2: 1.0}

@@ -12,7 +12,8 @@ from helpers import REPO, environment
 from training.distributed import free_port
 
 
-@pytest.fixture(scope="module", params=["plain", "checkpointing"])
+# Checkpointing recomputes the same modules in backward: opt-in beside the plain run.
+@pytest.fixture(scope="module", params=["plain", pytest.param("checkpointing", marks=pytest.mark.optin)])
 def report(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("gates_only") / "report.json"
     command = [

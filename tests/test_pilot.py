@@ -75,6 +75,8 @@ def _result(code: float, programs: float, tokens=(900, 100)) -> dict:
     [
         ([(3.90, 1.00), (3.91, 1.05)], "PASSES"),  # mixture gain ~0.15 and ~0.14
         ([(3.99, 1.10), (4.02, 1.10)], "FAILS"),  # mixture gains 0.049 and 0.022: below the rule
+        ([(3.90, 1.00)], "PASSES SO FAR (not decided)"),  # one seed of two: a pass needs both
+        ([(4.05, 1.50)], "FAILS"),  # a seed that loses decides the rule on its own
     ],
 )
 def test_the_report_states_the_paired_decision(tmp_path, ponderlm_losses, verdict):

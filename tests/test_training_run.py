@@ -175,6 +175,8 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, train_shards, reference)
     assert_same_weights(weights(run, STEPS), weights(reference, STEPS))
 
 
+# Opt-in: test_stop_and_resume_equals_uninterrupted resumes the same way at a logged step.
+@pytest.mark.optin
 def test_a_stop_between_logged_steps_resumes_the_logged_interval(tmp_path, train_shards, reference):
     # Logged every 3 steps, stopped at step 5 (between checkpoints 4 and 8, as a SIGTERM stops a run):
     # the interval of steps 4-6 spans the stop. The checkpoint carries steps 4 and 5's sums, so step 6
@@ -193,6 +195,8 @@ def test_a_stop_between_logged_steps_resumes_the_logged_interval(tmp_path, train
     assert 0 < logged["perf/tokens_per_sec"][6] < float("inf")
 
 
+# Opt-in: tests/test_multinode.py kills a run between checkpoints and resumes it the same way.
+@pytest.mark.optin
 def test_sigkill_between_checkpoints_resumes_from_the_last_complete_one(tmp_path, train_shards, reference):
     config = make_config(tmp_path, train_shards, "killed")
     proc = subprocess.Popen(
@@ -393,6 +397,9 @@ def test_continued_pretraining_trains_the_gates_alone_then_rewarms_the_backbone(
     assert sorted(logged["eval/lm_loss"]) == [0, 4] and summary(run)["initial_eval"] == initial_eval
 
 
+# Opt-in: test_continued_pretraining_trains_the_gates_alone_then_rewarms_the_backbone evaluates the
+# loaded weights at step 0 too.
+@pytest.mark.optin
 def test_first_evaluation_is_the_loaded_checkpoints_own_validation_loss(tmp_path, train_shards):
     from data import build_datasets
     from data.config import DataConfig
