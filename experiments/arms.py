@@ -7,6 +7,7 @@ data order (`data.seed`), so the spread over seeds covers both.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,10 +137,9 @@ PILOT = Scale(
 # parameter with both still learning fast: a model whose backbone is too shallow for the generated
 # programs (2 layers against PonderLM's 8 layer applications) and a 512-token vocabulary, so that
 # 4.1M tokens are about 25 per parameter and capacity, not optimisation speed, limits both arms.
-PILOT2 = Scale(
+PILOT2 = dataclasses.replace(
+    PILOT,
     name="pilot2",
-    train_bytes=24_000_000,
-    valid_bytes=3_000_000,
     vocab_size=512,
     model={
         "hidden_size": 64,
@@ -148,20 +148,10 @@ PILOT2 = Scale(
         "intermediate_size": 256,
         "max_position_embeddings": 256,
     },
-    seq_len=256,
-    batch_size=8,
     train_steps=2000,
     warmup=40,
-    lr=2e-3,
     stage1=1000,
     ramp=400,
-    checkpoint_interval=100,
-    seeds=(1, 2),
-    eval_windows=0,
-    eval_batch=16,
-    taus=(1e-4,),
-    synthetic_train_bytes=6_000_000,
-    synthetic_valid_bytes=600_000,
 )
 
 SCALES = {s.name: s for s in (FULL, SMOKE, PILOT, PILOT2)}

@@ -702,6 +702,10 @@ hand (the study rewrites it).
 The command resumes where it stopped: evaluated runs are skipped, trained runs are only evaluated,
 interrupted runs continue from their last checkpoint (every {interval} steps). Run state (corpus,
 checkpoints, logs) is under `{work}` (git-ignored).
+
+This study's regime (0.56 tokens per parameter, training loss still falling) is too small to judge
+pondering by. The regime pilots choose the next one: [pilot 1](pilot/README.md),
+[pilot 2](pilot2/README.md).
 """
 
 SIZING = """

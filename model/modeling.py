@@ -404,13 +404,13 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         output_halting: bool = True,
         **kwargs: Any,
     ) -> AdaPonderOutput:
-        """K-pass pondering forward, dense (`dense=True`, the default in training mode) or sparse,
-        skipping halted tokens (`dense=False`, the default in eval mode; model/ponder.py), with the
-        same numbers and gradients. `halt_threshold` (tau) and `max_passes` override the config's
-        for this call: the inference-time compute knob. See docs/model-api.md for arguments and
-        outputs. A single-token cached call runs model.ponder.decode_step unless `fast_decode=False`;
-        `output_halting=False` leaves passes, halted_fraction, mean_passes and flops unset (and the
-        decode step's gates; generate() asks for none of them)."""
+        """K-pass pondering forward, skipping halted tokens (the default; model/ponder.py), or every
+        token in every pass (`dense=True`, the definition), with the same numbers and gradients.
+        `halt_threshold` (tau) and `max_passes` override the config's for this call: the
+        inference-time compute knob. See docs/model-api.md for arguments and outputs. A single-token
+        cached call runs model.ponder.decode_step unless `fast_decode=False`; `output_halting=False`
+        leaves passes, halted_fraction, mean_passes and flops unset (and the decode step's gates;
+        generate() asks for none of them)."""
         cache = cache if cache is not None else kwargs.get("past_key_values")
         if labels is not None and logits_to_keep:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
@@ -538,16 +538,13 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         return tau, k if cap is None else int(cap)
 
     def _runs_sparse(self, dense: bool | None, cached: bool) -> bool:
-        """Dense with `dense=True` and by default in training mode (the trainer passes
-        `ponder.sparse_training`); sparse with `dense=False`, with a KV cache, and by default in
-        eval mode whenever tokens can halt (adaptive, K > 1)."""
+        """The every-row definition only with `dense=True` (`ponder.sparse_training: false`); the
+        packed strategy otherwise, in training and eval mode alike: it is never slower
+        (BENCHMARKS.md, "Sparse vs dense training step")."""
         if cached and self.training:
             raise ValueError("a KV cache is for inference: call model.eval()")
         if dense and cached:
             raise ValueError("a KV cache needs the sparse path: leave dense unset")
-        if dense is None:
-            can_halt = self.config.adaptive and self.config.num_passes > 1
-            dense = not cached and (self.training or not can_halt)
         return not dense
 
     def _check_exit_passes(self, exit_passes: torch.Tensor, input_ids: torch.Tensor) -> None:

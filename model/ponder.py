@@ -16,11 +16,10 @@ the gates still scale the updates. Only the first `num_run` passes run (the `max
 Three strategies execute it. They differ only in which rows a pass computes and how it addresses
 K/V (model/kv.py):
   - every row (`ponder_every_row`, `dense=True`): every token runs every pass and `where` makes a
-    halted token look frozen. It is the definition and the tests' oracle, and it serves
-    `ponder.sparse_training: false` and fixed-pruning evaluation (training/evaluate.py); it is never
-    faster than the packed strategy, which with nobody halting runs the same full passes
-    (BENCHMARKS.md, "Sparse vs dense training step"), so nothing takes it by default but training
-    mode's `dense=None`.
+    halted token look frozen. It is the definition and the tests' oracle. It is never faster than
+    the packed strategy, which with nobody halting runs the same full passes (BENCHMARKS.md,
+    "Sparse vs dense training step"), so nothing takes it by default; it stays reachable
+    (`ponder.sparse_training: false`) to check a run against the definition itself.
   - packed (`ponder_packed`): pass i gathers the active tokens (m^i = 1) of the whole batch into one
     [n, D] matrix; a halted token is never computed again, and later passes attend to its last
     active pass's K/V. Exact in the forward and in the gradients: nothing a halted token would

@@ -44,22 +44,23 @@ def test_eval_mode_skips_halted_tokens_by_default_with_the_dense_numbers(sparse_
     assert float(default.flops["total"]) < float(default.flops["dense_total"])
 
 
-def test_eval_mode_with_gradients_is_sparse_and_differentiable_training_mode_stays_dense(sparse_calls):
+def test_both_modes_skip_halted_tokens_by_default_with_the_definitions_gradients(sparse_calls):
     model = random_halting_model(seed=12)
     ids = torch.randint(1, 90, (2, 8))
-    model(ids)  # training mode: dense unless asked (the trainer passes ponder.sparse_training)
-    assert not sparse_calls
-    model.eval()
-    out = model(ids)  # eval mode recording gradients: sparse, with gradients
+    out = model(ids)  # training mode: packed unless dense=True (ponder.sparse_training: false)
     assert len(sparse_calls) == 1 and out.logits.requires_grad
     out.logits.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     model(ids, dense=True).logits.sum().backward()
+    assert len(sparse_calls) == 1  # dense=True runs the definition
     for name, param in model.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, atol=1e-5, rtol=1e-5, msg=name)
-    random_halting_model(seed=12, adaptive=False).eval()(ids)  # nothing halts: dense
-    assert len(sparse_calls) == 1
+    model.eval()
+    out = model(ids)  # eval mode recording gradients: packed, with gradients
+    assert len(sparse_calls) == 2 and out.logits.requires_grad
+    random_halting_model(seed=12, adaptive=False).eval()(ids)  # plain PonderLM: packed, nobody halts
+    assert len(sparse_calls) == 3
 
 
 def test_eval_forward_without_cache_holds_two_passes_of_keys_and_values(monkeypatch):

@@ -27,7 +27,7 @@ NLL of tokens grouped by the passes they ran; written with --data). The JSON:
 The first point is the model at its trained settings (tau and cap from its config); learned points
 follow, one per further tau of `--sweep-threshold`, then one per further cap of
 `--sweep-max-passes` (at the trained tau); then, for each learned point and each policy of
-`--policies`, fixed pruning (exit depths drawn from that distribution, dense, `exit_passes`) at the
+`--policies`, fixed pruning (exit depths drawn from that distribution, `exit_passes`) at the
 learned point's mean passes. `nll_by_passes` lists the passes run by at least one token. Tasks run at
 the same learned settings, and fixed pruning at the mean passes of the task's own tokens (exit
 depths drawn per token, loglikelihood tasks only). Without `--data`, `points` is empty.
@@ -275,7 +275,7 @@ def evaluate_windows(
 ) -> Tally:
     """NLL, passes and FLOPs of the model over `windows`: the gates decide (sparse forward, at
     `halt_threshold` / `max_passes`), or `exits` (one depth per predicted token, windows in order)
-    fixes every token's passes (dense forward, `exit_passes`)."""
+    fixes every token's passes (`exit_passes`); either way the pruned passes are skipped."""
     device = next(model.parameters()).device
     tally = Tally(model.config)
     used = 0
@@ -290,7 +290,7 @@ def evaluate_windows(
             n = int(real_BT.sum())
             exits_BT[real_BT] = torch.from_numpy(exits[used : used + n]).to(device)
             used += n
-            knob = {"dense": True, "exit_passes": exits_BT}
+            knob = {"exit_passes": exits_BT}
         out = model(ids_BT, attention_mask=real_BT.long(), labels=targets_BT, shift_labels=False, **knob)
         tally.add(out.passes, real_BT, out.flops, token_nll_BT=out.token_nll)
     return tally
@@ -368,7 +368,7 @@ def _tracked_lm_class():
             if self.exit_probs is not None:
                 depths = np.arange(1, len(self.exit_probs) + 1)
                 exits = self.rng.choice(depths, size=inps.shape, p=self.exit_probs)
-                knob = {"dense": True, "exit_passes": torch.from_numpy(exits).to(inps.device)}
+                knob = {"exit_passes": torch.from_numpy(exits).to(inps.device)}
             with torch.no_grad():
                 out = self.model(inps, **knob)
             self._passes_BT, self._row = out.passes, 0
@@ -383,7 +383,7 @@ def _tracked_lm_class():
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             if self.exit_probs is not None:
-                raise ValueError("fixed-pruning policies run loglikelihood tasks only (exit_passes is dense)")
+                raise ValueError("fixed-pruning policies run loglikelihood tasks only")
             handle = self.model.register_forward_hook(self._count_generation, with_kwargs=True)
             # generate() asks the model for no halting statistics (the decode step skips them).
             knob = {**self.knob, "output_halting": True}
