@@ -12,21 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import environment
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # experiments/ is a directory of the repository, not an installed package
 from experiments.arms import SMOKE, arms, run_name  # noqa: E402
-
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env.update(
-        PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"
-    )
-    return env
 
 
 def study(tmp_path: Path, *args: str, work: str = "work", out: str = "out", code: int = 0):
