@@ -3,8 +3,9 @@
     python benchmarks/bench_mixture_memory.py [--seq-len 512 --batch 1 --vocab 50304]
 
 pythia-70m (D 512, 6 layers, Pythia's vocabulary 50304), K = 4, fp32, one forward + backward of the
-dense training step, each case in a fresh process. "before" is the mixture as it was until this
-change (commit e4aeeda): softmax(embed_out(h)) @ W_in through plain autograd, so each of the K - 1
+training step (the packed strategy, nobody halting), each case in a fresh process with the host
+allocator a training launch sets (training.memory.host_allocator). "before" is the mixture as it
+was until commit e4aeeda: softmax(embed_out(h)) @ W_in through plain autograd, so each of the K - 1
 mixtures keeps its fp32 [B, T, V] logits and probabilities for backward (under activation
 checkpointing the mixture was recomputed in backward, one pass's [B, T, V] at a time). "after" is
 model.mixture.ChunkedMixture: chunks of MIXTURE_CHUNK_BYTES, nothing vocabulary-sized kept.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model import AdaPonderConfig, AdaPonderForCausalLM  # noqa: E402
+from training.memory import host_allocator  # noqa: E402
 
 CASES = ("before", "before+checkpointing", "after", "after+checkpointing")
 
@@ -48,6 +49,7 @@ def recomputed_mixture(self, h):
 
 
 def worker(case: str, args: argparse.Namespace) -> dict:
+    host_allocator()  # glibc's mmap threshold as a training launch sets it: freed tensors leave RSS
     torch.manual_seed(0)
     config = AdaPonderConfig.from_preset("pythia-70m", vocab_size=args.vocab, num_passes=4)
     model = AdaPonderForCausalLM(config).train()
@@ -88,13 +90,11 @@ def main() -> None:
     for case in CASES:
         command = [sys.executable, __file__, "--worker", case, "--seq-len", str(args.seq_len)]
         command += ["--batch", str(args.batch), "--vocab", str(args.vocab)]
-        # A fixed mmap threshold returns every freed large tensor to the OS at once; glibc's default,
-        # dynamic one keeps freed blocks up to 32 MiB in the heap, and RSS then counts them as live.
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-        done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
         results[case] = json.loads(done.stdout.strip().splitlines()[-1])
     tokens = args.batch * args.seq_len
-    print(f"pythia-70m, vocab {args.vocab}, K=4, fp32, batch {args.batch} x seq {args.seq_len}, dense step\n")
+    shape = f"batch {args.batch} x seq {args.seq_len}"
+    print(f"pythia-70m, vocab {args.vocab}, K=4, fp32, {shape}, training step\n")
     print("| mixture | saved for backward MiB | step peak RSS above start MiB |")
     print("|---|---|---|")
     for case, r in results.items():

@@ -61,7 +61,6 @@ class PassLayout:
     width: int = 0  # C (masked grid) or L (causal grid)
     mask: torch.Tensor | None = None  # [R, 1, C, S] bool, True: attend; None: see is_causal
     is_causal: bool = False
-    keys: int = 0  # store positions attention reads (0: all of them, `end`)
 
     @property
     def full(self) -> bool:
@@ -73,7 +72,9 @@ class PassLayout:
 
     @property
     def key_len(self) -> int:
-        return self.keys or self.end
+        """Store positions attention reads: a causal query grid's L (its queries sit at their own
+        positions, so none sees a key past L), else all of them."""
+        return self.width if self.is_causal and not self.full else self.end
 
     @property
     def num_rows(self) -> int:
@@ -152,7 +153,7 @@ def packed_layout(
         assert past == 0, "a causal grid's queries sit at their positions from the chunk's start"
         slot_n = row_n * rows.span + pos_n
         layout = (batch_n, pos_n, sel, slot_n, rows.span)
-        return PassLayout(b, t, past, in_place, cos_n, sin_n, *layout, is_causal=True, keys=rows.span)
+        return PassLayout(b, t, past, in_place, cos_n, sin_n, *layout, is_causal=True)
     first_B = rows.counts_B.cumsum(0) - rows.counts_B  # its sequence's first packed index
     slot_n = row_n * rows.width + torch.arange(n, device=device) - first_B[batch_n]
     # Unused grid slots query the last position: a finite row (the sequence has a real key), discarded.

@@ -1,8 +1,13 @@
 """Shared test setup: CPU only, fp32, quiet Hugging Face logging."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# experiments/ is a directory of the repository, not an installed package: the study's tests import it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # One intra-op thread per process (tests' subprocesses inherit it): the tests' models are tiny, and

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import environment
+from helpers import REPO, environment
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # experiments/ is a directory of the repository, not an installed package
-from experiments.arms import SMOKE, arms, run_name  # noqa: E402
+from experiments.arms import SMOKE, arms, run_name
 
 
 def study(tmp_path: Path, *args: str, work: str = "work", out: str = "out", code: int = 0):

@@ -3,18 +3,14 @@
 import ast
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # experiments/ is a directory of the repository, not an installed package
-from experiments.arms import PILOT  # noqa: E402
-from experiments.corpus import synthetic_program, write_synthetic  # noqa: E402
-from experiments.downstream import write_tasks  # noqa: E402
-from experiments.pilot import mixture_loss, paired_interval, write_pilot_report  # noqa: E402
-from experiments.study import Layout  # noqa: E402
+from experiments.arms import PILOT
+from experiments.corpus import synthetic_program, write_synthetic
+from experiments.downstream import write_tasks
+from experiments.pilot import mixture_loss, paired_interval, write_pilot_report
+from experiments.study import Layout
 
 
 def _values(program: str) -> tuple[dict[str, int], int, int]:
