@@ -34,11 +34,8 @@ def paired_interval(differences: list[float]) -> tuple[float, float, float] | No
 
 def mixture_loss(result: dict[str, Any]) -> float:
     """Token-weighted loss over both validation shards (their sizes keep the training split's share)."""
-    code, synthetic = result["learned"], result.get("synthetic")
-    if synthetic is None:
-        return code["loss"]
-    total = code["tokens"] + synthetic["tokens"]
-    return (code["loss"] * code["tokens"] + synthetic["loss"] * synthetic["tokens"]) / total
+    shards = result["shards"].values()
+    return sum(s["loss"] * s["tokens"] for s in shards) / sum(s["tokens"] for s in shards)
 
 
 def _late_drop(result: dict[str, Any]) -> float | None:
@@ -81,15 +78,15 @@ def write_pilot_report(layout) -> Path:
         drop = _late_drop(r)
         rows.append(
             f"| {arm}-s{seed} | {r['parameters']:,} | {r['train_tokens']:,} | "
-            f"{r['train_tokens'] / r['parameters']:.2f} | {r['learned']['loss']:.4f} | "
-            f"{r['synthetic']['loss']:.4f} | {mixture_loss(r):.4f} | "
+            f"{r['train_tokens'] / r['parameters']:.2f} | {r['shards']['code']['loss']:.4f} | "
+            f"{r['shards']['programs']['loss']:.4f} | {mixture_loss(r):.4f} | "
             f"{'n/a' if drop is None else f'{drop:.4f}'} | {r['train_wall_seconds']:.0f} | "
             f"{r['train_tokens_per_sec']:.0f} |"
         )
     seeds = [s for s in scale.seeds if all((a, s) in results for a in ARMS)]
     losses = {
-        "code": lambda r: r["learned"]["loss"],
-        "programs": lambda r: r["synthetic"]["loss"],
+        "code": lambda r: r["shards"]["code"]["loss"],
+        "programs": lambda r: r["shards"]["programs"]["loss"],
         "mixture": mixture_loss,
     }
     gains = {

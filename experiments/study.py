@@ -31,13 +31,25 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from experiments.arms import PILOTS, SCALES, Arm, Scale, arms, run_config, run_name
+from experiments.arms import (
+    EXIT_BASELINES,
+    PILOTS,
+    SCALES,
+    Arm,
+    Scale,
+    arm_named,
+    arms,
+    jobs,
+    run_config,
+    run_name,
+    train_steps,
+)
 from experiments.corpus import TRAIN_PACKAGES, VALID_PACKAGES, SplitSpec, write_split, write_synthetic
 from experiments.downstream import TASKS
 
@@ -65,6 +77,14 @@ class Layout:
         if self.scale.synthetic_valid_bytes:
             paths["valid_synthetic"] = str(self.data / "valid_synthetic")
         return paths
+
+    def validation_shards(self) -> dict[str, str]:
+        """The validation shards by name: the code packages never trained on, then the programs."""
+        paths = self.data_paths()
+        shards = {"code": paths["valid"]}
+        if "valid_synthetic" in paths:
+            shards["programs"] = paths["valid_synthetic"]
+        return shards
 
     def run_dir(self, name: str) -> Path:
         return self.runs / name
@@ -166,12 +186,51 @@ def prepare_data(layout: Layout) -> dict[str, Any]:
 # One run: train (resuming), export, evaluate. Runs in its own process (`_task`).
 
 
-def trained(run_dir: Path, scale: Scale) -> bool:
+def trained(run_dir: Path, steps: int) -> bool:
     summary = run_dir / "summary.json"
     if not summary.is_file():
         return False
     done = json.loads(summary.read_text())
-    return done["status"] in ("finished", "already complete") and done["step"] >= scale.train_steps
+    return done["status"] in ("finished", "already complete") and done["step"] >= steps
+
+
+def run_trained(layout: Layout, arm: Arm, seed: int) -> bool:
+    return trained(layout.run_dir(run_name(arm, seed)), train_steps(arm, layout.scale))
+
+
+def needs(layout: Layout, arm: Arm, seed: int) -> list[tuple[Arm, int]]:
+    """The runs that must be trained before this one starts: a continued arm's source; the tuning
+    runs (first seed) that choose a tuned arm's learning rate."""
+    scale = layout.scale
+    if arm.continues:
+        return [(arm_named(scale, arm.continues), seed)]
+    return [(arm_named(scale, name), scale.seeds[0]) for name in arm.tuned_by]
+
+
+def final_loss(layout: Layout, arm: Arm, seed: int) -> float:
+    """The trainer's own validation loss at the end of a run (summary.json's `eval`)."""
+    summary = json.loads((layout.run_dir(run_name(arm, seed)) / "summary.json").read_text())
+    return summary["eval"]["lm_loss"]
+
+
+def tuned_choice(layout: Layout, arm: Arm) -> Arm:
+    """The tuning arm of `arm` with the lowest final validation loss on the first seed."""
+    seed = layout.scale.seeds[0]
+    return min(
+        (arm_named(layout.scale, name) for name in arm.tuned_by), key=lambda a: final_loss(layout, a, seed)
+    )
+
+
+def source_export(layout: Layout, arm: Arm, seed: int) -> Path:
+    """The continued arm's source run, exported once as a Hugging Face directory under WORK/exports."""
+    from training.export import export_checkpoint
+
+    source = run_name(arm_named(layout.scale, arm.continues), seed)
+    out = layout.work / "exports" / source
+    if not (out / "export_info.json").is_file():
+        info = export_checkpoint(layout.run_dir(source), out, tokenizer=layout.data_paths()["tokenizer"])
+        log(f"{source}: step {info['step']} exported to {out} for {run_name(arm, seed)}")
+    return out
 
 
 def _train_env() -> dict[str, str]:
@@ -184,7 +243,8 @@ def _train_env() -> dict[str, str]:
 def _settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """A run config without its paths, so that a work directory can be moved and resumed."""
     data = {k: v for k, v in cfg["data"].items() if k not in ("train_paths", "valid_paths", "tokenizer")}
-    return {k: v for k, v in cfg.items() if k != "run_dir"} | {"data": data}
+    model = {k: v for k, v in cfg["model"].items() if k != "init_from"}
+    return {k: v for k, v in cfg.items() if k != "run_dir"} | {"data": data, "model": model}
 
 
 def checked_config(layout: Layout, arm: Arm, seed: int) -> Path:
@@ -195,7 +255,13 @@ def checked_config(layout: Layout, arm: Arm, seed: int) -> Path:
     """
     name = run_name(arm, seed)
     path = layout.work / "configs" / f"{name}.yaml"
-    cfg = run_config(arm, seed, layout.scale, str(layout.run_dir(name)), layout.data_paths())
+    source = str(source_export(layout, arm, seed)) if arm.continues else None
+    lr = None
+    if arm.tuned_by:
+        lr = run_config(tuned_choice(layout, arm), seed, layout.scale, "", layout.data_paths())["optimizer"][
+            "lr"
+        ]
+    cfg = run_config(arm, seed, layout.scale, str(layout.run_dir(name)), layout.data_paths(), source, lr)
     if path.is_file() and _settings(yaml.safe_load(path.read_text())) != _settings(cfg):
         raise ValueError(
             f"{name}: its arm's config changed since it was started ({path}); delete "
@@ -244,7 +310,7 @@ def evaluate(layout: Layout, arm: Arm, seed: int) -> None:
     """Evaluate the final checkpoint and write the run's result JSON."""
     import torch
 
-    from experiments.evaluate import evaluate_run
+    from experiments.evaluate import Sweeps, evaluate_run
 
     # One core per run, like its training: two OpenMP threads beside another job on 2 cores spin at
     # their barriers (an evaluation took 16 minutes that way).
@@ -252,11 +318,10 @@ def evaluate(layout: Layout, arm: Arm, seed: int) -> None:
     name = run_name(arm, seed)
     scale, run_dir = layout.scale, layout.run_dir(name)
     started = time.perf_counter()
-    paths = layout.data_paths()
-    settings = (scale.seq_len, scale.eval_windows, scale.eval_batch, scale.taus)
-    result = evaluate_run(run_dir, paths["valid"], *settings)
-    if "valid_synthetic" in paths:
-        result["synthetic"] = evaluate_run(run_dir, paths["valid_synthetic"], *settings)["learned"]
+    sweeps = Sweeps(scale.taus, scale.pass_grid, scale.confidences, scale.draws)
+    baselines = arm.name in EXIT_BASELINES.values()
+    settings = (scale.seq_len, scale.eval_windows, scale.sweep_windows, scale.eval_batch, sweeps, baselines)
+    result = evaluate_run(run_dir, layout.validation_shards(), *settings)
     if scale.task_examples:
         result["tasks"] = downstream(run_dir, layout, scale.eval_batch)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -300,19 +365,25 @@ CURVE_TAGS = {
     "ponder_loss": "train/ponder_loss",
     "lm_loss": "train/lm_loss",
 }
+GATE_TAG = "ponder/gate_values/"
 
 
 def training_curve(run_dir: Path) -> dict[str, list[list[float]]]:
-    """[step, value] pairs of the logged mean passes, ponder loss and LM loss (TensorBoard scalars):
-    when the gates began to halt tokens, and whether the ponder loss ever had work to do."""
+    """[step, value] pairs of the logged mean passes, ponder loss and LM loss (TensorBoard scalars),
+    and of each gate's mean value (`gate_mean_U`, from its histogram): when the gates began to halt
+    tokens, and whether the ponder loss ever had work to do."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    guidance = {"scalars": 0, "histograms": 0}
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance=guidance)
     events.Reload()
     curve = {}
     for key, tag in CURVE_TAGS.items():
         by_step = {e.step: e.value for e in events.Scalars(tag)}  # a resumed run logs some steps twice
         curve[key] = [[step, by_step[step]] for step in sorted(by_step)]
+    for tag in sorted(t for t in events.Tags()["histograms"] if t.startswith(GATE_TAG)):
+        by_step = {e.step: e.histogram_value.sum / e.histogram_value.num for e in events.Histograms(tag)}
+        curve[f"gate_mean_{tag.removeprefix(GATE_TAG)}"] = [[step, by_step[step]] for step in sorted(by_step)]
     return curve
 
 
@@ -328,7 +399,7 @@ def backfill_training_curve(layout: Layout, name: str) -> bool:
     return True
 
 
-def task(layout: Layout, arm: Arm, seed: int, exit_at_step: int | None) -> str:
+def task(layout: Layout, arm: Arm, seed: int, exit_at_step: int | None, evaluate_it: bool = True) -> str:
     """Bring one run as far as it goes: trained, then evaluated. Returns what was done.
 
     A lock per run, held by this process and inherited by its trainer, keeps a second study (or a
@@ -351,11 +422,11 @@ def task(layout: Layout, arm: Arm, seed: int, exit_at_step: int | None) -> str:
                 f"{name}: another process is training it (lock {run_dir / 'study.lock'})"
             ) from None
         config = checked_config(layout, arm, seed)
-        if not trained(run_dir, layout.scale):
+        if not run_trained(layout, arm, seed):
             train(layout, name, config, exit_at_step, lock.fileno())
-            if not trained(run_dir, layout.scale):
+            if not run_trained(layout, arm, seed):
                 return "stopped before the end (resumes from its checkpoint)"
-        if stop.is_set():
+        if stop.is_set() or not evaluate_it:
             return "trained; evaluation left for the next run of the study"
         evaluate(layout, arm, seed)
     return "trained and evaluated"
@@ -400,24 +471,65 @@ class Runner:
 
 
 def run_study(
-    layout: Layout, jobs: int, base_args: list[str], only: list[str] | None, seeds: list[int] | None
+    layout: Layout, jobs_at_once: int, base_args: list[str], only: list[str] | None, seeds: list[int] | None
 ) -> int:
     prepare_data(layout)
-    chosen = [arm for arm in arms(layout.scale) if only is None or arm.name in only]
-    names = [run_name(arm, seed) for seed in seeds or layout.scale.seeds for arm in chosen]
+    todo = jobs(layout.scale, only, seeds)
     runner = Runner(base_args)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, runner.stop)
-    log(f"{len(names)} runs, {jobs} at a time: {', '.join(names)}")
-    with ThreadPoolExecutor(jobs) as pool:
-        codes = dict(zip(names, pool.map(runner.run, names)))
+    log(f"{len(todo)} runs, {jobs_at_once} at a time: {', '.join(run_name(a, s) for a, s in todo)}")
+    codes = schedule(layout, todo, jobs_at_once, runner)
     failed = [n for n, c in codes.items() if c != 0]
     write_report(layout)
     log(f"report: {layout.out / 'README.md'}")
     if failed:
-        log(f"failed or stopped: {', '.join(failed)} (logs in {layout.logs})")
+        log(f"failed, stopped or not started: {', '.join(failed)} (logs in {layout.logs})")
         return 1
     return 0
+
+
+def schedule(layout: Layout, todo: list[tuple[Arm, int]], at_once: int, runner: Runner) -> dict[str, int]:
+    """Run the tasks `at_once` at a time, in order, each once the runs it needs are trained.
+
+    A task whose needed run is neither trained nor among the tasks, or whose needed run failed, is not
+    started (exit code 1 recorded, and why logged).
+    """
+    pending = list(todo)
+    queued = {run_name(a, s) for a, s in todo}
+    codes: dict[str, int] = {}
+    running: dict[Future, str] = {}
+    with ThreadPoolExecutor(at_once) as pool:
+        while pending or running:
+            for arm, seed in list(pending):
+                if len(running) >= at_once:
+                    break
+                name = run_name(arm, seed)
+                waiting = [(a, s) for a, s in needs(layout, arm, seed) if not run_trained(layout, a, s)]
+                lost = [
+                    run_name(a, s)
+                    for a, s in waiting
+                    if run_name(a, s) not in queued or codes.get(run_name(a, s), 0) != 0
+                ]
+                if lost or runner.stopping:
+                    pending.remove((arm, seed))
+                    codes[name] = 1
+                    if lost:
+                        log(f"{name}: not started, it needs {', '.join(lost)} trained first")
+                elif not waiting:
+                    pending.remove((arm, seed))
+                    running[pool.submit(runner.run, name)] = name
+            if not running:
+                if pending:  # every pending task waits on a run that will never be trained
+                    for arm, seed in pending:
+                        codes[run_name(arm, seed)] = 1
+                    names = ", ".join(run_name(a, s) for a, s in pending)
+                    log(f"not started (their needed runs are missing): {names}")
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                codes[running.pop(future)] = future.result()
+    return codes
 
 
 def resumes(layout: Layout, name: str) -> int | None:
@@ -459,21 +571,20 @@ def locked(run_dir: Path) -> bool:
 
 
 def status(layout: Layout) -> None:
-    for seed in layout.scale.seeds:
-        for arm in arms(layout.scale):
-            name = run_name(arm, seed)
-            run_dir = layout.run_dir(name)
-            if layout.result_file(name).is_file():
-                state = "evaluated"
-            elif trained(run_dir, layout.scale):
-                state = "trained, not evaluated"
-            elif locked(run_dir):
-                state = "training now"
-            elif (run_dir / "checkpoints" / "latest").is_file():
-                state = f"stopped at {(run_dir / 'checkpoints' / 'latest').read_text().strip()}"
-            else:
-                state = "not started"
-            print(f"{name:24s} {state}")
+    for arm, seed in jobs(layout.scale):
+        name = run_name(arm, seed)
+        run_dir = layout.run_dir(name)
+        if layout.result_file(name).is_file():
+            state = "evaluated"
+        elif run_trained(layout, arm, seed):
+            state = "trained, not evaluated"
+        elif locked(run_dir):
+            state = "training now"
+        elif (run_dir / "checkpoints" / "latest").is_file():
+            state = f"stopped at {(run_dir / 'checkpoints' / 'latest').read_text().strip()}"
+        else:
+            state = "not started"
+        print(f"{name:24s} {state}")
 
 
 def start_background(argv: list[str], layout: Layout) -> int:
@@ -519,6 +630,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at the same time (one core each)")
     parser.add_argument("--exit-at-step", type=int, help="stop every run at this step (resumable chunks)")
+    parser.add_argument(
+        "--train-only", action="store_true", help="train the runs, evaluate none (a later run evaluates them)"
+    )
     parser.add_argument("--arms", help="comma-separated arm names to run (default: all)")
     parser.add_argument("--seeds", help="comma-separated seeds to run (default: all of the scale's)")
     parser.add_argument("--background", action="store_true", help="detach, nice 19, log to WORK/study.log")
@@ -568,8 +682,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return compare_rerun(layout, Path(args.rerun).resolve())
     if args.command == "_task":
-        arm, seed = next((a, s) for s in scale.seeds for a in arms(scale) if run_name(a, s) == args.name)
-        log(f"{args.name}: {task(layout, arm, seed, args.exit_at_step)}")
+        arm, seed = next((a, s) for a, s in jobs(scale) if run_name(a, s) == args.name)
+        log(f"{args.name}: {task(layout, arm, seed, args.exit_at_step, not args.train_only)}")
         return 0
     seeds = _seeds(args.seeds, scale)
     if seeds == []:
@@ -586,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         base = ["--work", str(work), "--out", str(out), "--scale", scale.name]
         if args.exit_at_step is not None:
             base += ["--exit-at-step", str(args.exit_at_step)]
+        if args.train_only:
+            base.append("--train-only")
         only = args.arms.split(",") if args.arms else None
         unknown = sorted(set(only or []) - {a.name for a in arms(scale)})
         if unknown:

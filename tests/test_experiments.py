@@ -4,6 +4,7 @@ Also the stage-1 option it compares: `ponder.halt_during_stage1: false` runs eve
 passes while the ponder loss is off, whatever the gates say.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import yaml
 from helpers import REPO, environment
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from experiments.arms import SMOKE, arms, run_name
+from experiments.arms import SMOKE, arms, jobs, run_name, train_steps
 
 
 def study(tmp_path: Path, *args: str, work: str = "work", out: str = "out", code: int = 0):
@@ -32,9 +33,12 @@ def study(tmp_path: Path, *args: str, work: str = "work", out: str = "out", code
     return result
 
 
+SMOKE_ARMS = "vanilla,ponderlm,adaponder,adaponder-cont"  # every kind: plain, swept, adaptive, continued
+
+
 def test_smoke_study_stops_resumes_and_reports(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
-    names = [run_name(arm, seed) for seed in SMOKE.seeds for arm in arms(SMOKE)]
+    names = [run_name(arm, seed) for arm, seed in jobs(SMOKE, SMOKE_ARMS.split(","))]
 
     # An interrupted study: one arm stopped halfway, the others not started.
     study(tmp_path, "run", "--arms", "adaponder", "--exit-at-step", "4")
@@ -42,40 +46,58 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
     assert "PARTIAL RESULTS" in readme
     assert "adaponder-s1 (stopped at step-00000004" in readme
     assert "vanilla-s1 (not started)" in readme
+    # A continued arm whose source is neither trained nor asked for is not started.
+    refused = study(tmp_path, "run", "--arms", "adaponder-cont", code=1)
+    assert "adaponder-cont-s1: not started, it needs ponderlm-s1 trained first" in refused.stdout
 
-    # Rerun: the stopped run resumes from its checkpoint, the others train; everything is evaluated.
-    first = study(tmp_path, "run")
+    # Rerun: the stopped run resumes from its checkpoint, the others train (the continued one after
+    # its source); everything is evaluated.
+    first = study(tmp_path, "run", "--arms", SMOKE_ARMS)
     assert "adaponder-s1: trained and evaluated" in first.stdout
+    assert first.stdout.index("ponderlm-s1: trained and evaluated") < first.stdout.index("exported")
     log = (work / "logs" / "adaponder-s1.log").read_text()
     assert "at step 4" in log.split("====")[-1]  # the second invocation resumed
     assert json.loads((work / "runs" / "adaponder-s1" / "wall.json").read_text())["invocations"] == 2
     results = {n: json.loads((out / "results" / "by_run" / f"{n}.json").read_text()) for n in names}
-    assert len({r["train_tokens"] for r in results.values()}) == 1  # same tokens for every arm
-    assert all(r["train_steps"] == SMOKE.train_steps for r in results.values())
-    for arm in arms(SMOKE):
-        r = results[run_name(arm, SMOKE.seeds[0])]
+    assert {results[n]["train_tokens"] for n in names if "cont" not in n} == {SMOKE.tokens}
+    continued = yaml.safe_load((work / "configs" / "adaponder-cont-s1.yaml").read_text())
+    assert continued["model"]["init_from"] == str(work / "exports" / "ponderlm-s1")
+    assert continued["data"]["start_sample"] == SMOKE.train_steps * SMOKE.batch_size
+    assert results["adaponder-cont-s1"]["train_tokens"] == SMOKE.tokens // 2
+    for arm, seed in jobs(SMOKE, SMOKE_ARMS.split(",")):
+        r = results[run_name(arm, seed)]
         assert r["adaptive"] == arm.adaptive
+        assert set(r["shards"]) == {"code", "programs"}
         curve = r["training_curve"]
-        assert [s for s, _ in curve["lm_loss"]] == list(range(1, SMOKE.train_steps + 1))
+        assert [s for s, _ in curve["lm_loss"]] == list(range(1, train_steps(arm, SMOKE) + 1))
         assert all(1.0 <= v <= 4.0 for _, v in curve["mean_passes"])
+        assert ("gate_mean_0" in curve) == arm.adaptive
+        sweep = r["sweep"]
         if arm.adaptive:
-            assert [p["tau"] for p in r["tau_sweep"]] == sorted(SMOKE.taus)
-            for point in r["tau_sweep"]:
-                for policy in point["fixed_pruning"].values():
-                    assert abs(policy["mean_passes"] - point["mean_passes"]) < 0.05
+            assert [p["tau"] for p in sweep["learned"]] == sorted(SMOKE.taus)
+            assert len(sweep["fixed"]) == len(SMOKE.taus) * 4  # 2 policies x gates' scaling kept, neutralised
+            for fixed in sweep["fixed"]:
+                assert len(fixed["draws"]) == SMOKE.draws
+                assert abs(fixed["draws"][0]["mean_passes"] - fixed["target_mean_passes"]) < 0.05
+            forced = r["shards"]["code"]["forced_by_learned_depth"]
+            assert sum(d["share"] for d in forced) == pytest.approx(1.0)
+        elif arm.name == "ponderlm":  # the adaptive arm's training-free baselines
+            assert [f["target_mean_passes"] for f in sweep["fixed"]] == [
+                m for m in SMOKE.pass_grid for _ in "ug"
+            ]
+            assert [p["confidence"] for p in sweep["confidence"]] == list(SMOKE.confidences)
+        else:
+            assert set(sweep) == {"trained"}
     readme = (out / "README.md").read_text()
-    assert "PARTIAL" not in readme
     for arm in arms(SMOKE):
-        assert f"| {arm.label} | 1 |" in readme
-    stage1 = readme.split("### Stage 1")[1].split("###")[0]
-    assert sum(line.startswith("| adaponder") for line in stage1.splitlines()) == 3
-    for plot in ("ppl_vs_compute.png", "nll_by_passes.png", "training_passes.png"):
+        if arm.name in SMOKE_ARMS.split(","):
+            assert f"| {arm.label} | 1 |" in readme
+    for plot in ("ppl_vs_compute.png", "nll_by_depth.png", "gates_in_training.png"):
         assert (out / "results" / plot).read_bytes()[:4] == b"\x89PNG"
-    assert len((out / "results" / "table.csv").read_text().splitlines()) == 1 + len(arms(SMOKE))
 
     # Again: nothing is retrained or re-evaluated.
     stamps = {n: (out / "results" / "by_run" / f"{n}.json").stat().st_mtime_ns for n in names}
-    again = study(tmp_path, "run")
+    again = study(tmp_path, "run", "--arms", SMOKE_ARMS)
     assert again.stdout.count(": done") == len(names)
     assert stamps == {n: (out / "results" / "by_run" / f"{n}.json").stat().st_mtime_ns for n in names}
     assert json.loads((work / "runs" / "adaponder-s1" / "wall.json").read_text())["invocations"] == 2
@@ -90,6 +112,71 @@ def test_smoke_study_stops_resumes_and_reports(tmp_path):
     assert backfill_training_curve(layout, "adaponder-s1")
     assert json.loads(path.read_text()) == full
     assert not backfill_training_curve(layout, "adaponder-s1")
+
+
+def _finished(layout, name: str, steps: int, loss: float) -> None:
+    run_dir = layout.run_dir(name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"status": "finished", "step": steps, "eval": {"lm_loss": loss}}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("losses, chosen", [((3.0, 2.9), 0.5), ((2.9, 3.0), 1.0)])
+def test_a_tuned_arm_trains_its_other_seeds_at_the_lr_its_first_seed_chose(tmp_path, losses, chosen):
+    from experiments.arms import DEEP_LRS, arm_named
+    from experiments.study import Layout, checked_config, needs
+
+    assert DEEP_LRS == (1.0, 0.5)
+    scale = dataclasses.replace(SMOKE, seeds=(1, 2))
+    layout = Layout(scale, tmp_path / "work", tmp_path / "out")
+    deep = arm_named(scale, "vanilla-deep")
+    assert [run_name(a, s) for a, s in jobs(scale) if a.name.startswith("vanilla-deep")] == [
+        "vanilla-deep-lr1-s1",
+        "vanilla-deep-lr0.5-s1",
+        "vanilla-deep-s2",
+    ]
+    assert [run_name(a, s) for a, s in needs(layout, deep, 2)] == [
+        "vanilla-deep-lr1-s1",
+        "vanilla-deep-lr0.5-s1",
+    ]
+    for (name, _), loss in zip(needs(layout, deep, 2), losses):
+        _finished(layout, run_name(name, 1), scale.train_steps, loss)
+    config = yaml.safe_load(checked_config(layout, deep, 2).read_text())
+    assert config["optimizer"]["lr"] == pytest.approx(scale.lr * chosen)
+    assert config["model"]["overrides"]["num_hidden_layers"] > scale.model["num_hidden_layers"]
+
+
+class _FakeRunner:
+    """Trains a run by writing its summary; records the order runs started and finished in."""
+
+    def __init__(self, layout):
+        self.layout, self.events, self.stopping = layout, [], False
+
+    def run(self, name: str) -> int:
+        from experiments.arms import arm_named
+
+        self.events.append(f"start {name}")
+        arm = arm_named(self.layout.scale, name.rsplit("-s", 1)[0])
+        _finished(self.layout, name, train_steps(arm, self.layout.scale), 3.0)
+        self.events.append(f"end {name}")
+        return 0
+
+
+def test_the_schedule_starts_a_run_only_once_the_runs_it_needs_are_trained(tmp_path):
+    from experiments.study import Layout, schedule
+
+    layout = Layout(SMOKE, tmp_path / "work", tmp_path / "out")
+    todo = jobs(SMOKE, ["adaponder-cont", "ponderlm-more", "ponderlm", "vanilla"])
+    assert [run_name(a, s) for a, s in todo][:2] == ["vanilla-s1", "ponderlm-s1"]
+    runner = _FakeRunner(layout)
+    assert set(schedule(layout, todo, 2, runner).values()) == {0}
+    ends = runner.events.index("end ponderlm-s1")
+    assert runner.events.index("start adaponder-cont-s1") > ends
+    assert runner.events.index("start ponderlm-more-s1") > ends
+    # Its source neither trained nor among the runs: not started, and nothing waits forever.
+    other = Layout(SMOKE, tmp_path / "other", tmp_path / "out2")
+    codes = schedule(other, jobs(SMOKE, ["adaponder-cont"]), 2, _FakeRunner(other))
+    assert codes == {"adaponder-cont-s1": 1}
 
 
 # Opt-in: a second smoke study and its rerun; the default suite checks that the study stops, resumes
@@ -113,7 +200,7 @@ def test_a_rerun_from_scratch_reproduces_a_stopped_and_resumed_study(tmp_path):
     # A rerun that does not reproduce fails the command and says so in the report.
     rerun_result = tmp_path / "rerun" / "out" / "results" / "by_run" / "vanilla-s1.json"
     broken = json.loads(rerun_result.read_text())
-    broken["learned"]["ppl"] *= 2
+    broken["shards"]["code"]["loss"] *= 2
     rerun_result.write_text(json.dumps(broken))
     study(tmp_path, "compare", "--rerun", str(tmp_path / "rerun"), code=1)
     assert "the study does not reproduce" in (out / "README.md").read_text()
@@ -210,7 +297,7 @@ def _passes_by_step(tmp_path: Path, train_shards, halt_during_stage1: bool) -> d
     return {e.step: e.value for e in events.Scalars("ponder/mean_passes")}
 
 
-# Opt-in: the smoke study trains the adaponder-hold arm that uses the option.
+# Opt-in: a trainer option the first version of the study compared (its adaponder-hold arm).
 @pytest.mark.optin
 def test_halting_held_off_during_stage1_only(tmp_path, train_shards):
     assert _passes_by_step(tmp_path, train_shards, halt_during_stage1=False) == {1: 4.0, 2: 1.0}
@@ -250,20 +337,6 @@ def test_the_full_study_commits_its_results_and_ignores_its_run_state():
     for path, expected in [(p, False) for p in committed] + [(p, True) for p in ignored]:
         check = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO)
         assert check.returncode == (0 if expected else 1), path
-
-
-def test_stage1_options_are_compared_paired_by_seed_over_the_passes_both_curves_reach():
-    from experiments.report import _overlap_differences
-
-    def run(seed: int, curve: list[tuple[float, float]]) -> dict:
-        return {"seed": seed, "tau_sweep": [{"mean_passes": p, "loss": x} for p, x in curve]}
-
-    hold = [run(1, [(2.0, 5.0), (4.0, 4.0)]), run(2, [(3.5, 4.0), (3.9, 3.9)]), run(3, [(1.0, 6.0)])]
-    multiplier = [run(1, [(1.0, 4.5), (3.0, 4.5)]), run(2, [(1.0, 4.0), (3.0, 4.0)])]
-    # Seed 1: passes 2-3, hold's loss falls 5.0 -> 4.5 against a flat 4.5 (mean +0.25); seed 2's curves
-    # do not overlap; seed 3 has no multiplier run.
-    ((lo, hi, delta),) = _overlap_differences(hold, multiplier)
-    assert (lo, hi) == (2.0, 3.0) and abs(delta - 0.25) < 1e-12
 
 
 def test_an_invocation_killed_with_its_task_still_counts_in_the_wall_time(tmp_path, monkeypatch):

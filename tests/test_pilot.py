@@ -60,8 +60,10 @@ def _result(code: float, programs: float, tokens=(900, 100)) -> dict:
         "train_tokens": 3000,
         "train_wall_seconds": 60.0,
         "train_tokens_per_sec": 50.0,
-        "learned": {"loss": code, "tokens": tokens[0]},
-        "synthetic": {"loss": programs, "tokens": tokens[1]},
+        "shards": {
+            "code": {"loss": code, "tokens": tokens[0]},
+            "programs": {"loss": programs, "tokens": tokens[1]},
+        },
         "training_curve": {"lm_loss": [[s, 5.0 - s / 100] for s in range(0, 101, 10)]},
     }
 

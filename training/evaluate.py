@@ -272,10 +272,12 @@ def evaluate_windows(
     exits: np.ndarray | None = None,
     progress: bool = True,
     desc: str = "eval",
+    knobs: dict[str, Any] | None = None,
 ) -> Tally:
     """NLL, passes and FLOPs of the model over `windows`: the gates decide (sparse forward, at
     `halt_threshold` / `max_passes`), or `exits` (one depth per predicted token, windows in order)
-    fixes every token's passes (`exit_passes`); either way the pruned passes are skipped."""
+    fixes every token's passes (`exit_passes`); either way the pruned passes are skipped. `knobs`:
+    further forward arguments of every call (`gate_scaling`, `exit_confidence`)."""
     device = next(model.parameters()).device
     tally = Tally(model.config)
     used = 0
@@ -291,6 +293,7 @@ def evaluate_windows(
             exits_BT[real_BT] = torch.from_numpy(exits[used : used + n]).to(device)
             used += n
             knob = {"exit_passes": exits_BT}
+        knob |= knobs or {}
         out = model(ids_BT, attention_mask=real_BT.long(), labels=targets_BT, shift_labels=False, **knob)
         tally.add(out.passes, real_BT, out.flops, token_nll_BT=out.token_nll)
     return tally
