@@ -94,30 +94,33 @@ def _point(p: dict[str, Any], num_passes: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def forced_by_learned_depth(model: Any, windows: list[np.ndarray], batch: int) -> list[dict[str, Any]]:
-    """Per learned exit depth j (passes the trained policy ran): the share of tokens, their NLL as
-    halted and their NLL with every pass forced (tau 0: no token halts)."""
+def forced_by_learned_depth(model: Any, windows: list[np.ndarray], batch: int) -> tuple[dict[str, Any], list]:
+    """The trained setting's point on `windows`, and per learned exit depth j (passes the trained
+    policy ran): the share of tokens, their NLL as halted and their NLL with every pass forced
+    (tau 0: no token halts; the gates still scale the updates)."""
     k = model.config.num_passes
+    tally = Tally(model.config)
     count, learned, forced = np.zeros(k), np.zeros(k), np.zeros(k)
     for ids_BT, real_BT, targets_BT in batches(windows, batch):
         mask = real_BT.long()
         out = model(ids_BT, attention_mask=mask, labels=targets_BT, shift_labels=False)
         full = model(ids_BT, attention_mask=mask, labels=targets_BT, shift_labels=False, halt_threshold=0.0)
+        tally.add(out.passes, real_BT, out.flops, token_nll_BT=out.token_nll)
         depth = (out.passes[real_BT] - 1).numpy()
         count += np.bincount(depth, minlength=k)
         learned += np.bincount(depth, out.token_nll[real_BT].double().numpy(), minlength=k)
         forced += np.bincount(depth, full.token_nll[real_BT].double().numpy(), minlength=k)
-    total = count.sum()
-    return [
+    by_depth = [
         {
             "passes": j + 1,
-            "share": count[j] / total,
+            "share": count[j] / count.sum(),
             "nll_learned": learned[j] / count[j],
             "nll_forced": forced[j] / count[j],
         }
         for j in range(k)
         if count[j]
     ]
+    return _point(point(tally, "learned", None, None), k), by_depth
 
 
 def _measure(model: Any, windows: list[np.ndarray], batch: int, **setting: Any) -> dict[str, Any]:
@@ -215,9 +218,10 @@ def evaluate_run(
     }
     for name, prefix in shards.items():
         data = validation_windows(prefix, seq_len, windows)
-        entry = _measure(model, data, batch)
         if config.adaptive:
-            entry["forced_by_learned_depth"] = forced_by_learned_depth(model, data, batch)
-        result["shards"][name] = entry
+            entry, by_depth = forced_by_learned_depth(model, data, batch)
+            result["shards"][name] = entry | {"forced_by_learned_depth": by_depth}
+        else:
+            result["shards"][name] = _measure(model, data, batch)
     result["sweep"] = sweep(model, sweep_windows(shards, seq_len, sweep_total), batch, sweeps, baselines)
     return result
