@@ -13,21 +13,23 @@ Plain PonderLM (`adaptive=False`) has no gate and nobody halts: E^{i+1} = E^i + 
 `exit_passes` (passes per token, 1..K) replaces the threshold decision for fixed-pruning baselines;
 the gates still scale the updates. Only the first `num_run` passes run (the `max_passes` cap).
 
-Three strategies execute it. They differ only in which rows a pass computes and how it addresses
-K/V (model/kv.py):
-  - every row (`ponder_every_row`, `dense=True`): every token runs every pass and `where` makes a
-    halted token look frozen. It is the definition and the tests' oracle. It is never faster than
-    the packed strategy, which with nobody halting runs the same full passes (BENCHMARKS.md,
-    "Sparse vs dense training step"), so nothing takes it by default; it stays reachable
-    (`ponder.sparse_training: false`) to check a run against the definition itself.
-  - packed (`ponder_packed`): pass i gathers the active tokens (m^i = 1) of the whole batch into one
-    [n, D] matrix; a halted token is never computed again, and later passes attend to its last
-    active pass's K/V. Exact in the forward and in the gradients: nothing a halted token would
-    compute later reaches the loss in the definition either. Training, evaluation and cached
-    prefill; the K/V store decides where K/V live.
-  - one token per sequence with a cache (`decode_step`): every row of a small batch runs every pass
-    any row runs, in the fixed [B, 1] shape (a row more reads the same weights); `where` keeps a
-    halted row's output and K/V, as in the definition. At batch 1 a halt ends the loop.
+One loop executes it (`ponder_loop`, which reads top to bottom beside the lines above), driving
+one of three strategies (`Strategy`) that differ only in which rows a pass computes and how it
+addresses K/V (model/kv.py):
+  - every row (`EveryRow`; `ponder_every_row`, `dense=True`): every token runs every pass and
+    `where` makes a halted token look frozen. It is the definition and the tests' oracle. It is
+    never faster than the packed strategy, which with nobody halting runs the same full passes
+    (BENCHMARKS.md, "Sparse vs dense training step"), so nothing takes it by default; it stays
+    reachable (`ponder.sparse_training: false`) to check a run against the definition itself.
+  - packed (`PackedRows`; `ponder_packed`): pass i gathers the active tokens (m^i = 1) of the whole
+    batch into one [n, D] matrix; a halted token is never computed again, and later passes attend
+    to its last active pass's K/V. Exact in the forward and in the gradients: nothing a halted
+    token would compute later reaches the loss in the definition either. Training, evaluation and
+    cached prefill; the K/V store decides where K/V live.
+  - one token per sequence with a cache (`DecodeRows`; `decode_step`): every row of a small batch
+    runs every pass any row runs, in the fixed [B, 1] shape (a row more reads the same weights);
+    `where` keeps a halted row's output and K/V, as in the definition. At batch 1 a halt ends the
+    loop.
 
 ZeRO-3: with `uniform_calls` (the model's `every_rank_calls_every_module`, which training/engine.py
 turns on) every module of every pass runs even when this rank has no active token left (with a
@@ -37,7 +39,7 @@ turns on) every module of every pass runs even when this rank has no active toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -138,7 +140,128 @@ def selected_rows(keep_n: torch.Tensor, flat_n: torch.Tensor, b: int, t: int) ->
 
 
 # --------------------------------------------------------------------------------------------------
+# The loop, once for every strategy.
+
+
+class Strategy(Protocol):
+    """Which rows a pass computes and how it addresses K/V; `ponder_loop` does everything else.
+
+    Names ending in _n are the n rows the current pass computes ([B, T], [n] or [B] per token)."""
+
+    ids_n: torch.Tensor  # token ids of pass 0's rows
+    exit_n: torch.Tensor | None  # the rows' fixed exits (fixed pruning); None: the gates decide
+    positions: tuple[int, ...]  # shape of one pass's per-token outputs (activity, gates)
+    device: torch.device
+    goes_on: bool  # the next pass runs: some row is active in it (or every module must run)
+
+    def run(self, pass_idx: int, e_nD: torch.Tensor) -> torch.Tensor:
+        """h^i [n, D] of the pass's rows, every layer's K/V addressed as the strategy keeps them."""
+
+    def record(self, pass_idx: int, h_nD: torch.Tensor) -> None:
+        """h_out = where(m^i, h^i, h_out_prev), and m^i."""
+
+    def gate_values(self, s_n: torch.Tensor) -> torch.Tensor:
+        """s^i at every output position, 0 where it was not computed or the token had halted."""
+
+    def go_on(
+        self, keep_n: torch.Tensor, h_nD: torch.Tensor, e_nD: torch.Tensor, s_n: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """m^{i+1} = m^i * keep: h^i, E^i and s^i of the rows the next update computes, with their
+        m^{i+1} (None: they all go on). Sets `goes_on` (and `exit_n`); at most one host read."""
+
+    def finish(self, gates: list[torch.Tensor] | None) -> Any:
+        """The K/V of the passes not run (a token keeps its last run pass's), and the result."""
+
+
+def ponder_loop(model: Any, rows: Strategy, tau: float, num_run: int, want_gates: bool = True) -> Any:
+    """The rule of the module docstring, pass by pass, on the rows the strategy computes.
+
+    Tokens halt when s^i < `tau` (or at their fixed exit); all stop after pass `num_run`. The gates
+    of updates not evaluated (the cap, nobody left) are 0. Returns `rows.finish`'s result."""
+    cfg = model.config
+    gates: list[torch.Tensor] | None = [] if want_gates and adaptive_gates(cfg) else None
+    e_nD = first_input(model, rows.ids_n)  # E^0
+    h_nD = s_n = live_n = None  # the update's inputs; s, m stay None in plain PonderLM
+    for i in range(num_run):
+        if not rows.goes_on:
+            break  # nobody left: the remaining passes do not run (their K/V: rows.finish)
+        if i > 0:  # E^i = E^{i-1} + m^i * s^{i-1} * e^{i-1}, for the rows that go on
+            e_nD = next_input(e_nD, model.ponder_embedding(h_nD), s_n, live_n)
+        h_nD = rows.run(i, e_nD)  # h^i, K, V = where(m^i, K_new, K_prev) as the strategy addresses them
+        rows.record(i, h_nD)  # h_out = where(m^i, h^i, h_out_prev)
+        if i == num_run - 1 or not cfg.adaptive:
+            continue
+        s_n = gate(model, i, h_nD)  # s^i, fp32
+        if gates is not None:
+            gates.append(rows.gate_values(s_n))
+        keep_n = continues(s_n, tau, i, rows.exit_n)  # 1[s^i >= tau]
+        h_nD, e_nD, s_n, live_n = rows.go_on(keep_n, h_nD, e_nD, s_n)  # m^{i+1}; one host read
+    if gates is not None:
+        zeros = torch.zeros(rows.positions, dtype=torch.float32, device=rows.device)
+        gates += [zeros] * (cfg.num_passes - 1 - len(gates))
+    return rows.finish(gates)
+
+
+def run_pass(model: Any, e_nD: torch.Tensor, kv: KVStore, pass_idx: int, lay: PassLayout) -> torch.Tensor:
+    """Final-norm output h [n, D] of one pass over the tokens `lay` places, K/V through the store."""
+    x_nD, new_kv = e_nD, []
+    for layer, (k_prev, v_prev) in zip(model.gpt_neox.layers, kv.layer_kv(pass_idx)):
+        # Positional tensors: activation checkpointing passes their gradients through.
+        x_nD, k, v = layer(x_nD, None, None, None, k_prev, v_prev, layout=lay)
+        new_kv.append((k, v))
+    kv.update(pass_idx, new_kv)
+    return model.gpt_neox.final_layer_norm(x_nD)
+
+
+# --------------------------------------------------------------------------------------------------
 # Every row: the definition.
+
+
+class EveryRow:
+    """Every token in every pass, [B, T]; `where` keeps a halted token's output, and its K/V in every
+    layer (model.kv.aligned_where). No host read: the loop never stops early."""
+
+    def __init__(
+        self,
+        model: Any,
+        input_ids_BT: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        exit_passes_BT: torch.Tensor | None,
+    ) -> None:
+        self.model, self.cos, self.sin, self.mask, self.exit_n = model, cos, sin, mask, exit_passes_BT
+        self.ids_n, self.positions, self.device = input_ids_BT, input_ids_BT.shape, input_ids_BT.device
+        self.active_BT = torch.ones_like(input_ids_BT, dtype=torch.bool)  # m^0 = 1
+        self.actives: list[torch.Tensor] = []
+        self.kv_prev, self.h_out_BTD, self.goes_on = None, None, True
+
+    def run(self, pass_idx: int, e_BTD: torch.Tensor) -> torch.Tensor:
+        halting_BT = self.active_BT if pass_idx > 0 and self.model.config.adaptive else None
+        h_BTD, self.kv_prev = self.model.gpt_neox.run_pass(
+            e_BTD, self.cos, self.sin, self.mask, self.kv_prev, halting_BT
+        )
+        return h_BTD
+
+    def record(self, pass_idx: int, h_BTD: torch.Tensor) -> None:
+        if pass_idx > 0:  # a halted token keeps its output
+            h_BTD = torch.where(self.active_BT[..., None], h_BTD, self.h_out_BTD)
+        self.h_out_BTD = h_BTD
+        self.actives.append(self.active_BT)
+
+    def gate_values(self, s_BT: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.active_BT, s_BT, torch.zeros_like(s_BT))
+
+    def go_on(self, keep_BT, h_BTD, e_BTD, s_BT):
+        self.active_BT = self.active_BT & keep_BT
+        return h_BTD, e_BTD, s_BT, self.active_BT
+
+    def finish(self, gates: list[torch.Tensor] | None):
+        """h_out [B, T, D], m^i of every pass [K, B, T] (0 in passes cut by the cap) and s^i of every
+        update [K-1, B, T] (None when not adaptive)."""
+        cut = self.model.config.num_passes - len(self.actives)
+        active_KBT = torch.stack(self.actives + [torch.zeros_like(self.active_BT)] * cut)
+        return self.h_out_BTD, active_KBT, None if gates is None else torch.stack(gates)
 
 
 def ponder_every_row(
@@ -151,38 +274,9 @@ def ponder_every_row(
     tau: float,
     num_run: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Every token in every pass; `mask` [B, 1, T, T] bool or None (causal).
-
-    Returns the frozen outputs h_out [B, T, D], the activity mask m^i of every pass [K, B, T]
-    and the gate values s^i of every update [K-1, B, T] (0 for already-halted tokens; None
-    when not adaptive).
-    """
-    cfg = model.config
-    e_BTD = first_input(model, input_ids_BT)
-    active_BT = torch.ones_like(input_ids_BT, dtype=torch.bool)  # m^0 = 1
-    actives, gates = [active_BT], []
-    kv_prev, h_out_BTD = None, None
-    for i in range(num_run):
-        h_BTD, kv_prev = model.gpt_neox.run_pass(
-            e_BTD, cos, sin, mask, kv_prev, active_BT if i > 0 and cfg.adaptive else None
-        )
-        h_out_BTD = h_BTD if i == 0 else torch.where(active_BT[..., None], h_BTD, h_out_BTD)
-        if i == num_run - 1:
-            break
-        e_ponder_BTD = model.ponder_embedding(h_BTD)
-        if cfg.adaptive:
-            s_BT = gate(model, i, h_BTD)
-            gates.append(torch.where(active_BT, s_BT, torch.zeros_like(s_BT)))
-            active_BT = active_BT & continues(s_BT, tau, i, exit_passes_BT)
-            e_BTD = next_input(e_BTD, e_ponder_BTD, s_BT, active_BT)
-        else:
-            e_BTD = next_input(e_BTD, e_ponder_BTD, None)
-        actives.append(active_BT)
-    # Passes cut by the cap: nobody active, no gate evaluated.
-    cut = cfg.num_passes - num_run
-    actives += [torch.zeros_like(active_BT)] * cut
-    gates += [torch.zeros_like(active_BT, dtype=torch.float32)] * (cut if cfg.adaptive else 0)
-    return h_out_BTD, torch.stack(actives), torch.stack(gates) if gates else None
+    """The definition (`EveryRow.finish` returns); `mask` [B, 1, T, T] bool or None (causal)."""
+    rows = EveryRow(model, input_ids_BT, cos, sin, mask, exit_passes_BT)
+    return ponder_loop(model, rows, tau, num_run)
 
 
 def padding_mask(attention_mask_BT: torch.Tensor | None, all_real: bool) -> torch.Tensor | None:
@@ -207,6 +301,99 @@ class PonderResult:
     h_out: torch.Tensor  # [B, T, D] final outputs (last active pass's); 0 at padding positions
     active: torch.Tensor  # [K, B, T] bool, m^i; padding positions count as running pass 0 only
     gates: torch.Tensor | None  # [K-1, B, T] fp32 s^i, 0 where not computed; None if not adaptive
+
+
+class PackedRows:
+    """Pass i computes the active tokens (m^i = 1) of the whole batch as one [n, D] matrix; a halted
+    token leaves it for good, its K/V carried forward in the store (`kv`). `flat_n`: the rows' chunk
+    positions (indices into X = B*T), None while that is all of them; padding never runs."""
+
+    def __init__(
+        self,
+        model: Any,
+        input_ids_BT: torch.Tensor,
+        real_BT: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: KVStore,
+        past: int,
+        real_BS: torch.Tensor,
+        exit_passes_BT: torch.Tensor | None,
+        uniform_calls: bool,
+        pass0_h_BTD: torch.Tensor | None,
+        real_rows: Rows | None,
+    ) -> None:
+        b, t = input_ids_BT.shape
+        self.model, self.kv, self.b, self.t, self.uniform_calls = model, kv, b, t, uniform_calls
+        self.pass0_h_BTD, self.positions, self.device = pass0_h_BTD, (b * t,), input_ids_BT.device
+        real_X = real_BT.reshape(-1)
+        self.rows = real_rows or selected_rows(real_X, torch.arange(b * t, device=self.device), b, t)
+        self.n_real = self.rows.n
+        chunk_all_real = self.n_real == b * t
+        self.flat_n = None if chunk_all_real else torch.nonzero_static(real_X, size=self.n_real).squeeze(-1)
+        ids_X = input_ids_BT.reshape(-1)
+        self.ids_n = ids_X if self.flat_n is None else ids_X[self.flat_n]
+        exit_X = exit_passes_BT.reshape(-1) if exit_passes_BT is not None else None
+        self.exit_n = exit_X if exit_X is None or self.flat_n is None else exit_X[self.flat_n]
+        # Every chunk position, while nobody has halted (no padding): the same layout in every pass.
+        if self.flat_n is None:
+            keys_all_real = real_BS is real_BT or bool(real_BS.all())
+            self.full = full_layout(b, t, past, kv.in_place, cos, sin, real_BS, keys_all_real)
+        # Queries at their own positions under plain causal attention (model.kv.packed_layout).
+        causal = past == 0 and self.rows.real_prefix
+        cos_XR, sin_XR = cos[:, 0].reshape(b * t, -1), sin[:, 0].reshape(b * t, -1)
+        self.packed_args = (b, t, past, kv.in_place, cos_XR, sin_XR, real_BS, causal)
+        # model.dtype is the embedding's, so E^0's and every pass's output's.
+        self.h_out_XD = torch.zeros(b * t, model.config.hidden_size, dtype=model.dtype, device=self.device)
+        self.active_KX = torch.zeros(model.config.num_passes, b * t, dtype=torch.bool, device=self.device)
+        self.active_KX[0] = True  # padding counts as running pass 0 only
+        # Without uniform_calls a pass with no active token is skipped, from pass 0 on.
+        self.goes_on, self.passes_run = self.n_real > 0 or uniform_calls, 0
+
+    def run(self, pass_idx: int, e_nD: torch.Tensor) -> torch.Tensor:
+        if (self.b * self.t if self.flat_n is None else self.rows.n) < self.n_real:
+            self.kv.carry_forward(pass_idx)  # the real tokens not in this pass keep their K/V in it
+        if pass_idx == 0 and self.pass0_h_BTD is not None:  # a draft ran pass 0: its outputs h^0
+            h_XD = self.pass0_h_BTD.reshape(self.b * self.t, -1)
+            return h_XD if self.flat_n is None else h_XD[self.flat_n]
+        lay = self.full if self.flat_n is None else packed_layout(self.flat_n, self.rows, *self.packed_args)
+        return run_pass(self.model, e_nD, self.kv, pass_idx, lay)
+
+    def record(self, pass_idx: int, h_nD: torch.Tensor) -> None:
+        # Overwritten each pass: ends as the last active pass's output.
+        if self.flat_n is None:
+            self.h_out_XD = h_nD
+            self.active_KX[pass_idx] = True
+        else:
+            self.h_out_XD = self.h_out_XD.index_put((self.flat_n,), h_nD)
+            self.active_KX[pass_idx, self.flat_n] = True
+        self.passes_run = pass_idx + 1
+
+    def gate_values(self, s_n: torch.Tensor) -> torch.Tensor:
+        return s_n if self.flat_n is None else s_n.new_zeros(self.b * self.t).index_put((self.flat_n,), s_n)
+
+    def go_on(self, keep_n, h_nD, e_nD, s_n):
+        """The halted rows leave the packed matrix: the rows left all go on. One host read (their sizes)."""
+        flat_n = torch.arange(self.b * self.t, device=keep_n.device) if self.flat_n is None else self.flat_n
+        self.rows = selected_rows(keep_n, flat_n, self.b, self.t)
+        if self.rows.n < keep_n.numel():
+            idx = torch.nonzero_static(keep_n, size=self.rows.n).squeeze(-1)
+            h_nD, e_nD, s_n = h_nD[idx], e_nD[idx], s_n[idx]
+            self.flat_n = idx if self.flat_n is None else self.flat_n[idx]
+            self.exit_n = None if self.exit_n is None else self.exit_n[idx]
+        self.goes_on = self.rows.n > 0 or self.uniform_calls
+        return h_nD, e_nD, s_n, None
+
+    def finish(self, gates: list[torch.Tensor] | None) -> PonderResult:
+        if self.n_real:  # the passes not run (the cap, nobody left): every real token keeps its K/V
+            for pass_idx in range(self.passes_run, self.model.config.num_passes):
+                self.kv.carry_forward(pass_idx)
+        b, t = self.b, self.t
+        return PonderResult(
+            h_out=self.h_out_XD.view(b, t, -1),
+            active=self.active_KX.view(-1, b, t),
+            gates=None if gates is None else torch.stack(gates).view(-1, b, t),
+        )
 
 
 def ponder_packed(
@@ -235,97 +422,9 @@ def ponder_packed(
     the store, carried into every pass) and these are its outputs h^0: the loop goes on from them.
     `real_rows`: the real positions' sizes, if the caller read them already (else one read here).
     """
-    cfg = model.config
-    b, t = input_ids_BT.shape
-    device = input_ids_BT.device
-    rows = real_rows or selected_rows(real_BT.reshape(-1), torch.arange(b * t, device=device), b, t)
-    n_real = rows.n
-    # Queries at their own positions under plain causal attention (model.kv.packed_layout).
-    causal = past == 0 and rows.real_prefix
-    chunk_all_real = n_real == b * t
-    keys_all_real = chunk_all_real and (real_BS is real_BT or bool(real_BS.all()))
-    cos_XR, sin_XR = cos[:, 0].reshape(b * t, -1), sin[:, 0].reshape(b * t, -1)
-    ids_X = input_ids_BT.reshape(-1)
-    exit_X = exit_passes_BT.reshape(-1) if exit_passes_BT is not None else None
-    # Active chunk positions (indices into B*T), None while that is all of them; padding never runs.
-    flat_n = None if chunk_all_real else torch.nonzero_static(real_BT.reshape(-1), size=n_real).squeeze(-1)
-    e_nD = first_input(model, ids_X if flat_n is None else ids_X[flat_n])
-    h_out_XD = e_nD.new_zeros(b * t, cfg.hidden_size)
-    active_KX = torch.zeros(cfg.num_passes, b * t, dtype=torch.bool, device=device)
-    active_KX[0] = True  # padding counts as running pass 0 only
-    gates = []
-    for i in range(cfg.num_passes):
-        n = 0 if i >= num_run else b * t if flat_n is None else rows.n
-        if i > 0 and n < n_real:
-            kv.carry_forward(i)
-        if i >= num_run or (n == 0 and not uniform_calls):
-            continue  # nothing active: the pass is skipped (its K/V carried above)
-        if flat_n is None:
-            lay = full_layout(b, t, past, kv.in_place, cos, sin, real_BS, keys_all_real)
-            active_KX[i] = True
-        else:
-            lay = packed_layout(flat_n, rows, b, t, past, kv.in_place, cos_XR, sin_XR, real_BS, causal)
-            active_KX[i, flat_n] = True
-        if i == 0 and pass0_h_BTD is not None:
-            h_nD = pass0_h_BTD.reshape(b * t, -1)
-            h_nD = h_nD if flat_n is None else h_nD[flat_n]
-        else:
-            h_nD = run_pass(model, e_nD, kv, i, lay)
-        # Overwritten each pass: ends as the last active pass's output.
-        h_out_XD = h_nD if flat_n is None else h_out_XD.index_put((flat_n,), h_nD)
-        if i < num_run - 1:
-            e_nD, flat_n, rows, gate_X = _ponder_step(model, i, h_nD, e_nD, flat_n, rows, b, t, tau, exit_X)
-            gates.append(gate_X)
-    has_gates = adaptive_gates(cfg)
-    if has_gates:
-        gates += [h_out_XD.new_zeros(b * t, dtype=torch.float32)] * (cfg.num_passes - 1 - len(gates))
-    return PonderResult(
-        h_out=h_out_XD.view(b, t, -1),
-        active=active_KX.view(-1, b, t),
-        gates=torch.stack(gates).view(-1, b, t) if has_gates else None,
-    )
-
-
-def run_pass(model: Any, e_nD: torch.Tensor, kv: KVStore, pass_idx: int, lay: PassLayout) -> torch.Tensor:
-    """Final-norm output h [n, D] of one pass over the active tokens."""
-    x_nD, new_kv = e_nD, []
-    for layer, (k_prev, v_prev) in zip(model.gpt_neox.layers, kv.layer_kv(pass_idx)):
-        # Positional tensors: activation checkpointing passes their gradients through.
-        x_nD, k, v = layer(x_nD, None, None, None, k_prev, v_prev, layout=lay)
-        new_kv.append((k, v))
-    kv.update(pass_idx, new_kv)
-    return model.gpt_neox.final_layer_norm(x_nD)
-
-
-def _ponder_step(
-    model: Any,
-    pass_idx: int,
-    h_nD: torch.Tensor,
-    e_nD: torch.Tensor,
-    flat_n: torch.Tensor | None,
-    rows: Rows,
-    b: int,
-    t: int,
-    tau: float,
-    exit_X: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None, Rows, torch.Tensor | None]:
-    """Gate, halt and update on the packed rows: E^{i+1} of the tokens that go on to the next pass,
-    their chunk indices (None: every chunk position), their sizes and s^i [X] (0 where not
-    computed). Head + mixture run only for the tokens that go on. One host read (their sizes)."""
-    if not model.config.adaptive:
-        return next_input(e_nD, model.ponder_embedding(h_nD), None), flat_n, rows, None
-    s_n = gate(model, pass_idx, h_nD)
-    gate_X = s_n if flat_n is None else s_n.new_zeros(b * t).index_put((flat_n,), s_n)
-    exit_n = None if exit_X is None else exit_X if flat_n is None else exit_X[flat_n]
-    keep_n = continues(s_n, tau, pass_idx, exit_n)
-    kept = selected_rows(
-        keep_n, torch.arange(b * t, device=keep_n.device) if flat_n is None else flat_n, b, t
-    )
-    if kept.n < keep_n.numel():  # the halted rows leave the packed matrix: m^{i+1} = 1 for the rest
-        idx = torch.nonzero_static(keep_n, size=kept.n).squeeze(-1)
-        h_nD, e_nD, s_n = h_nD[idx], e_nD[idx], s_n[idx]
-        flat_n = idx if flat_n is None else flat_n[idx]
-    return next_input(e_nD, model.ponder_embedding(h_nD), s_n), flat_n, kept, gate_X
+    args = (real_BS, exit_passes_BT, uniform_calls, pass0_h_BTD, real_rows)
+    rows = PackedRows(model, input_ids_BT, real_BT, cos, sin, kv, past, *args)
+    return ponder_loop(model, rows, tau, num_run)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,6 +451,64 @@ def decode_applies(
     return exit_passes is None and not model.every_rank_calls_every_module
 
 
+class DecodeRows:
+    """Every row of a small batch in every pass some row runs, in the fixed [B, 1] shape (a row more
+    reads the same weights): no packing, no index tensor. K/V are written in place at the cache's new
+    position; `where` keeps a halted row's output and K/V, as in the definition. At batch 1 the
+    loop stops at the halt, so the one row is active in every pass that runs (no mask)."""
+
+    def __init__(
+        self,
+        model: Any,
+        input_ids_B1: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: AdaPonderCache,
+    ) -> None:
+        b, device = input_ids_B1.shape[0], input_ids_B1.device
+        self.model, self.cache = model, cache
+        real_BS = cache.open_step(b, model.dtype, device)
+        self.pos = real_BS.shape[1] - 1
+        self.lay = full_layout(b, 1, self.pos, True, cos, sin, real_BS, cache.all_real)
+        self.ids_n, self.exit_n, self.positions, self.device = input_ids_B1[:, 0], None, (b,), device
+        self.active_B = None if b == 1 else torch.ones(b, dtype=torch.bool, device=device)
+        self.passes_B = 0 if b == 1 else torch.zeros(b, dtype=torch.long, device=device)
+        self.h_out_BD, self.passes_run, self.goes_on = None, 0, True
+
+    def run(self, pass_idx: int, e_BD: torch.Tensor) -> torch.Tensor:
+        h_BD = run_pass(self.model, e_BD, self.cache, pass_idx, self.lay)
+        if pass_idx > 0 and self.active_B is not None:
+            # Rows that halted before keep their last active pass's K/V in this pass too, every layer.
+            kv, at = self.cache.kv, slice(self.pos, self.pos + 1)
+            new = kv[pass_idx, ..., at, :]  # [L, 2, B, N, 1, H]
+            new.copy_(torch.where(self.active_B[:, None, None, None], new, kv[pass_idx - 1, ..., at, :]))
+        return h_BD
+
+    def record(self, pass_idx: int, h_BD: torch.Tensor) -> None:
+        if pass_idx > 0 and self.active_B is not None:  # a halted row keeps its output
+            h_BD = torch.where(self.active_B[:, None], h_BD, self.h_out_BD)
+        self.h_out_BD = h_BD
+        self.passes_B = self.passes_B + (1 if self.active_B is None else self.active_B)
+        self.passes_run = pass_idx + 1
+
+    def gate_values(self, s_B: torch.Tensor) -> torch.Tensor:
+        return s_B if self.active_B is None else s_B * self.active_B
+
+    def go_on(self, keep_B, h_BD, e_BD, s_B):
+        """The one host read per pass: whether any row goes on."""
+        if self.active_B is not None:
+            self.active_B = self.active_B & keep_B
+        self.goes_on = bool(read_host(keep_B[0] if self.active_B is None else self.active_B.any())[0])
+        return h_BD, e_BD, s_B, self.active_B
+
+    def finish(self, gates: list[torch.Tensor] | None) -> DecodeResult:
+        last = self.passes_run - 1
+        if last < self.model.config.num_passes - 1:  # the position keeps its last pass's K/V in the rest
+            self.cache.copy_pass(last, slice(last + 1, None), slice(self.pos, self.pos + 1))
+        self.cache.record_step(self.passes_B)
+        return DecodeResult(self.h_out_BD[:, None], self.passes_B, gates)
+
+
 @torch.no_grad()
 def decode_step(
     model: Any,
@@ -367,57 +524,5 @@ def decode_step(
     `cos`/`sin` [B, 1, 1, R] are the rotary tables of its positions.
 
     The cost of a small batch's step is reading the weights, so there is no packing, no index
-    tensor and no statistics: a pass runs while some row is active; a row that halted earlier is
-    computed and discarded (`where`, its K/V restored from the previous pass). The position's
-    entries of the passes that did not run are copied from the last one that did."""
-    cfg = model.config
-    b = input_ids_B1.shape[0]
-    real_BS = cache.open_step(b, model.dtype, input_ids_B1.device)
-    pos = real_BS.shape[1] - 1
-    lay = full_layout(b, 1, pos, True, cos, sin, real_BS, cache.all_real)
-    e_BD = first_input(model, input_ids_B1[:, 0])
-    adaptive = adaptive_gates(cfg)
-    # Batch 1: the loop stops at the halt, so the one row is active in every pass that runs.
-    active_B = None if b == 1 else torch.ones(b, dtype=torch.bool, device=e_BD.device)
-    passes_B = 0 if b == 1 else torch.zeros(b, dtype=torch.long, device=e_BD.device)
-    gates: list[torch.Tensor] | None = [] if want_gates and adaptive else None
-    h_out_BD, last = None, 0
-    for i in range(num_run):
-        h_BD = run_pass(model, e_BD, cache, i, lay)
-        last = i
-        if active_B is None:
-            h_out_BD, passes_B = h_BD, passes_B + 1
-        else:
-            if i > 0:  # rows that halted before keep their last active pass's K/V in this pass too
-                _restore_halted(cache, i, pos, active_B)
-            h_out_BD = h_BD if i == 0 else torch.where(active_B[:, None], h_BD, h_out_BD)
-            passes_B = passes_B + active_B
-        if i == num_run - 1:
-            break
-        if not adaptive:
-            e_BD = next_input(e_BD, model.ponder_embedding(h_BD), None)
-            continue
-        s_B = gate(model, i, h_BD)
-        if gates is not None:
-            gates.append(s_B if active_B is None else s_B * active_B)
-        keep_B = continues(s_B, tau, i, None)
-        if active_B is not None:
-            active_B = active_B & keep_B
-        # The one host read per pass: whether any row goes on.
-        if not read_host(keep_B[0] if active_B is None else active_B.any())[0]:
-            break
-        e_BD = next_input(e_BD, model.ponder_embedding(h_BD), s_B, active_B)
-    if last < cfg.num_passes - 1:  # passes not run: the position keeps its last pass's K/V
-        cache.copy_pass(last, slice(last + 1, None), slice(pos, pos + 1))
-    if gates is not None:
-        zeros_B = torch.zeros(b, dtype=torch.float32, device=e_BD.device)
-        gates += [zeros_B] * (cfg.num_passes - 1 - len(gates))
-    cache.record_step(passes_B)
-    return DecodeResult(h_out_BD[:, None], passes_B, gates)
-
-
-def _restore_halted(cache: AdaPonderCache, pass_idx: int, pos: int, active_B: torch.Tensor) -> None:
-    """Pass `pass_idx`'s K/V at `pos`, every layer: rows not active copy pass `pass_idx - 1`'s."""
-    kv = cache.kv
-    new = kv[pass_idx, ..., pos : pos + 1, :]  # [L, 2, B, N, 1, H]
-    new.copy_(torch.where(active_B[:, None, None, None], new, kv[pass_idx - 1, ..., pos : pos + 1, :]))
+    tensor and no statistics (`DecodeRows`)."""
+    return ponder_loop(model, DecodeRows(model, input_ids_B1, cos, sin, cache), tau, num_run, want_gates)
