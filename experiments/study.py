@@ -4,7 +4,8 @@
     python -m experiments.study run --background   # the same, detached, niced, logging to WORK/study.log
     python -m experiments.study status             # which runs are trained / evaluated
     python -m experiments.study report             # README.md, table and plots from the result files
-    python -m experiments.study run --smoke        # the whole pipeline at toy size (about a minute)
+    python -m experiments.study run --smoke        # the whole pipeline at toy size (a few minutes)
+    python -m experiments.study run --train-only --background   # train now, evaluate in a later run
     python -m experiments.study run --pilot --arms vanilla,ponderlm --background   # the regime pilot
     python -m experiments.study run --scale pilot2 --arms vanilla,ponderlm --background   # its second regime
 
@@ -13,7 +14,8 @@
     python -m experiments.study compare --rerun experiments/work/rerun
 
 `run` builds the corpus, tokenizer and shards (each skipped when present), then trains every arm and
-seed with `training/pretrain.py` (one process per run, `--jobs` at a time), evaluates each finished
+seed with `training/pretrain.py` (one process per run, `--jobs` at a time; a continued arm once its
+source run is trained, a tuned arm's later seeds once its tuning runs are), evaluates each finished
 run, and writes the report. It resumes wherever it stopped: a trained run is not retrained, an
 evaluated run is not re-evaluated, and an interrupted run continues from its last checkpoint (the
 trainer's own resume). Run state (corpus, runs, checkpoints, logs) lives under WORK (ignored by git);
@@ -612,7 +614,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("name", nargs="?", help=argparse.SUPPRESS)  # the run of `_task`
     parser.add_argument(
-        "--smoke", action="store_true", help="toy sizes: the whole pipeline in about a minute"
+        "--smoke", action="store_true", help="toy sizes: the whole pipeline in a few minutes"
     )
     parser.add_argument(
         "--pilot",

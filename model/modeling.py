@@ -38,6 +38,7 @@ from model.kv import AlignedKV, PassLayout, Rows, aligned_where, packed_attentio
 from model.mixture import ChunkedMixture
 from model.ponder import (
     DecodeResult,
+    checked_exits,
     decode_applies,
     decode_step,
     first_read,
@@ -402,6 +403,8 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         max_passes: int | None = None,
         fast_decode: bool = True,
         output_halting: bool = True,
+        exit_confidence: float | None = None,
+        gate_scaling: bool = True,
         **kwargs: Any,
     ) -> AdaPonderOutput:
         """K-pass pondering forward, skipping halted tokens (the default; model/ponder.py), or every
@@ -410,15 +413,15 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         inference-time compute knob. See docs/model-api.md for arguments and outputs. A single-token
         cached call runs model.ponder.decode_step unless `fast_decode=False`; `output_halting=False`
         leaves passes, halted_fraction, mean_passes and flops unset (and the decode step's gates;
-        generate() asks for none of them)."""
+        generate() asks for none of them). `exit_confidence` and `gate_scaling=False` are the
+        evaluation baselines' exits (model.ponder.ponder_loop), uncached calls only."""
         cache = cache if cache is not None else kwargs.get("past_key_values")
         if labels is not None and logits_to_keep:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
         tau, num_run = self.compute_knob(halt_threshold, max_passes)
         cached = cache is not None or bool(use_cache)
         sparse = self._runs_sparse(dense, cached)
-        if exit_passes is not None:
-            self._check_exit_passes(exit_passes, input_ids)
+        exits = checked_exits(input_ids, exit_passes, exit_confidence, gate_scaling, cached)
         b, t = input_ids.shape
         past_real_B = None
         if cached:
@@ -443,9 +446,8 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
             rows = first_read(self, input_ids, real_BT, exit_passes)
             if sparse:
                 kv = AlignedKV(self.config.num_hidden_layers)
-                result = self.ponder_chunk(
-                    input_ids, real_BT, position_ids, kv, real_BT, exit_passes, tau, num_run, rows=rows
-                )
+                args = (input_ids, real_BT, position_ids, kv, real_BT, exit_passes, tau, num_run)
+                result = self.ponder_chunk(*args, rows=rows, **exits)
                 h_out_BTD, active_KBT, gates_UBT = result.h_out, result.active, result.gates
             else:
                 cfg = self.config
@@ -459,6 +461,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
                     exit_passes,
                     tau,
                     num_run,
+                    **exits,
                 )
         # generate() asks for the last position only (logits_to_keep=1): no head for the others.
         logits_BTV = self.embed_out(h_out_BTD[:, -logits_to_keep:] if logits_to_keep else h_out_BTD)
@@ -513,6 +516,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         num_run: int,
         pass0_h_BTD: torch.Tensor | None = None,
         rows: Rows | None = None,
+        **exits: Any,
     ):
         """The packed strategy (model.ponder.ponder_packed) on this call's tokens, after
         `real_BS.shape[1] - T` cached ones in the K/V store `kv`; `rows`: the real positions' sizes
@@ -524,7 +528,7 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         # then gets a gradient, zero where no token used it, as in the every-row strategy.
         uniform = self.every_rank_calls_every_module or torch.is_grad_enabled()
         args = (input_ids_BT, real_BT, cos, sin, kv, past, real_BS, tau, num_run, exit_passes_BT)
-        return ponder_packed(self, *args, uniform, pass0_h_BTD, rows)
+        return ponder_packed(self, *args, uniform, pass0_h_BTD, rows, **exits)
 
     def compute_knob(self, halt_threshold: float | None, max_passes: int | None) -> tuple[float, int]:
         """tau and the passes to run at most, from the call's arguments or else the config."""
@@ -546,14 +550,6 @@ class AdaPonderForCausalLM(AdaPonderPreTrainedModel, PonderGenerationMixin):
         if dense and cached:
             raise ValueError("a KV cache needs the sparse path: leave dense unset")
         return not dense
-
-    def _check_exit_passes(self, exit_passes: torch.Tensor, input_ids: torch.Tensor) -> None:
-        if not self.config.adaptive:
-            raise ValueError("exit_passes replaces the gates' halting: it needs an adaptive model")
-        if exit_passes.shape != input_ids.shape:
-            raise ValueError(
-                f"exit_passes has shape {tuple(exit_passes.shape)}, input_ids {tuple(input_ids.shape)}"
-            )
 
     def _add_losses(
         self,

@@ -62,7 +62,8 @@ def gate(model: Any, pass_idx: int, h: torch.Tensor) -> torch.Tensor:
 
 
 def continues(s: torch.Tensor, tau: float, pass_idx: int, exit_passes: torch.Tensor | None) -> torch.Tensor:
-    """1[s^i >= tau] (hard, no gradient), or the fixed exit: more than pass_idx + 1 passes."""
+    """1[s^i >= tau] (hard, no gradient), or the fixed exit: more than pass_idx + 1 passes (`s` may
+    then be None: plain PonderLM)."""
     return s.detach() >= tau if exit_passes is None else exit_passes > pass_idx + 1
 
 
@@ -75,6 +76,26 @@ def next_input(
         return e + e_ponder
     step = s if live is None else live * s
     return e + step[..., None].to(e.dtype) * e_ponder
+
+
+def checked_exits(
+    input_ids: torch.Tensor,
+    exit_passes: torch.Tensor | None,
+    confidence: float | None,
+    gate_scaling: bool,
+    cached: bool,
+) -> dict[str, Any]:
+    """A forward's exits other than the gates', checked (ValueError naming the argument), as
+    `ponder_loop`'s arguments. The values of exit_passes are checked in `first_read`."""
+    if exit_passes is not None and exit_passes.shape != input_ids.shape:
+        raise ValueError(
+            f"exit_passes has shape {tuple(exit_passes.shape)}, input_ids {tuple(input_ids.shape)}"
+        )
+    if confidence is not None and not 0.0 < confidence <= 1.0:
+        raise ValueError(f"exit_confidence must be in (0, 1], got {confidence}")
+    if cached and (confidence is not None or not gate_scaling):
+        raise ValueError("exit_confidence and gate_scaling=False are for uncached calls (evaluation)")
+    return {"exit_confidence": confidence, "gate_scaling": gate_scaling}
 
 
 def adaptive_gates(config: Any) -> bool:
@@ -173,13 +194,31 @@ class Strategy(Protocol):
         """The K/V of the passes not run (a token keeps its last run pass's), and the result."""
 
 
-def ponder_loop(model: Any, rows: Strategy, tau: float, num_run: int, want_gates: bool = True) -> Any:
+def confidence(model: Any, h: torch.Tensor) -> torch.Tensor:
+    """max_v softmax(embed_out(h^i))_v [...] fp32: how sure pass i's own next-token prediction is
+    (a training-free exit rule; the evaluation recomputes the head the mixture also runs)."""
+    return torch.softmax(model.embed_out(h).float(), dim=-1).amax(-1)
+
+
+def ponder_loop(
+    model: Any,
+    rows: Strategy,
+    tau: float,
+    num_run: int,
+    want_gates: bool = True,
+    exit_confidence: float | None = None,
+    gate_scaling: bool = True,
+) -> Any:
     """The rule of the module docstring, pass by pass, on the rows the strategy computes.
 
-    Tokens halt when s^i < `tau` (or at their fixed exit); all stop after pass `num_run`. The gates
-    of updates not evaluated (the cap, nobody left) are 0. Returns `rows.finish`'s result."""
+    Tokens halt when s^i < `tau`, at their fixed exit (`rows.exit_n`), or, with `exit_confidence`,
+    once their pass's prediction puts at least that probability on one token; all stop after pass
+    `num_run`. The two exits other than the gates apply to plain PonderLM too (evaluation
+    baselines); `gate_scaling=False` drops s^i from the update (E^{i+1} = E^i + m^{i+1} e^i). The
+    gates of updates not evaluated (the cap, nobody left) are 0. Returns `rows.finish`'s result."""
     cfg = model.config
     gates: list[torch.Tensor] | None = [] if want_gates and adaptive_gates(cfg) else None
+    halts = cfg.adaptive or rows.exit_n is not None or exit_confidence is not None
     e_nD = first_input(model, rows.ids_n)  # E^0
     h_nD = s_n = live_n = None  # the update's inputs; s, m stay None in plain PonderLM
     for i in range(num_run):
@@ -189,13 +228,18 @@ def ponder_loop(model: Any, rows: Strategy, tau: float, num_run: int, want_gates
             e_nD = next_input(e_nD, model.ponder_embedding(h_nD), s_n, live_n)
         h_nD = rows.run(i, e_nD)  # h^i, K, V = where(m^i, K_new, K_prev) as the strategy addresses them
         rows.record(i, h_nD)  # h_out = where(m^i, h^i, h_out_prev)
-        if i == num_run - 1 or not cfg.adaptive:
+        if i == num_run - 1 or not halts:
             continue
-        s_n = gate(model, i, h_nD)  # s^i, fp32
+        s_n = gate(model, i, h_nD) if cfg.adaptive else None  # s^i, fp32
         if gates is not None:
             gates.append(rows.gate_values(s_n))
-        keep_n = continues(s_n, tau, i, rows.exit_n)  # 1[s^i >= tau]
+        if exit_confidence is not None and rows.exit_n is None:
+            keep_n = confidence(model, h_nD.detach()) < exit_confidence
+        else:
+            keep_n = continues(s_n, tau, i, rows.exit_n)  # 1[s^i >= tau]
         h_nD, e_nD, s_n, live_n = rows.go_on(keep_n, h_nD, e_nD, s_n)  # m^{i+1}; one host read
+        if s_n is not None and not gate_scaling:
+            s_n = torch.ones_like(s_n)
     if gates is not None:
         zeros = torch.zeros(rows.positions, dtype=torch.float32, device=rows.device)
         gates += [zeros] * (cfg.num_passes - 1 - len(gates))
@@ -229,15 +273,17 @@ class EveryRow:
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         exit_passes_BT: torch.Tensor | None,
+        halts: bool,
     ) -> None:
         self.model, self.cos, self.sin, self.mask, self.exit_n = model, cos, sin, mask, exit_passes_BT
+        self.halts = halts  # some token may stop early: later passes keep halted tokens' K/V
         self.ids_n, self.positions, self.device = input_ids_BT, input_ids_BT.shape, input_ids_BT.device
         self.active_BT = torch.ones_like(input_ids_BT, dtype=torch.bool)  # m^0 = 1
         self.actives: list[torch.Tensor] = []
         self.kv_prev, self.h_out_BTD, self.goes_on = None, None, True
 
     def run(self, pass_idx: int, e_BTD: torch.Tensor) -> torch.Tensor:
-        halting_BT = self.active_BT if pass_idx > 0 and self.model.config.adaptive else None
+        halting_BT = self.active_BT if pass_idx > 0 and self.halts else None
         h_BTD, self.kv_prev = self.model.gpt_neox.run_pass(
             e_BTD, self.cos, self.sin, self.mask, self.kv_prev, halting_BT
         )
@@ -273,10 +319,13 @@ def ponder_every_row(
     exit_passes_BT: torch.Tensor | None,
     tau: float,
     num_run: int,
+    exit_confidence: float | None = None,
+    gate_scaling: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The definition (`EveryRow.finish` returns); `mask` [B, 1, T, T] bool or None (causal)."""
-    rows = EveryRow(model, input_ids_BT, cos, sin, mask, exit_passes_BT)
-    return ponder_loop(model, rows, tau, num_run)
+    halts = model.config.adaptive or exit_passes_BT is not None or exit_confidence is not None
+    rows = EveryRow(model, input_ids_BT, cos, sin, mask, exit_passes_BT, halts)
+    return ponder_loop(model, rows, tau, num_run, True, exit_confidence, gate_scaling)
 
 
 def padding_mask(attention_mask_BT: torch.Tensor | None, all_real: bool) -> torch.Tensor | None:
@@ -378,7 +427,8 @@ class PackedRows:
         self.rows = selected_rows(keep_n, flat_n, self.b, self.t)
         if self.rows.n < keep_n.numel():
             idx = torch.nonzero_static(keep_n, size=self.rows.n).squeeze(-1)
-            h_nD, e_nD, s_n = h_nD[idx], e_nD[idx], s_n[idx]
+            h_nD, e_nD = h_nD[idx], e_nD[idx]
+            s_n = None if s_n is None else s_n[idx]
             self.flat_n = idx if self.flat_n is None else self.flat_n[idx]
             self.exit_n = None if self.exit_n is None else self.exit_n[idx]
         self.goes_on = self.rows.n > 0 or self.uniform_calls
@@ -411,6 +461,8 @@ def ponder_packed(
     uniform_calls: bool = False,
     pass0_h_BTD: torch.Tensor | None = None,
     real_rows: Rows | None = None,
+    exit_confidence: float | None = None,
+    gate_scaling: bool = True,
 ) -> PonderResult:
     """The pondering loop on active tokens only.
 
@@ -421,10 +473,11 @@ def ponder_packed(
     With `pass0_h_BTD` pass 0 already ran for this chunk (a self-speculative draft: its K/V are in
     the store, carried into every pass) and these are its outputs h^0: the loop goes on from them.
     `real_rows`: the real positions' sizes, if the caller read them already (else one read here).
+    `exit_confidence`, `gate_scaling`: the evaluation baselines' exits (`ponder_loop`).
     """
     args = (real_BS, exit_passes_BT, uniform_calls, pass0_h_BTD, real_rows)
     rows = PackedRows(model, input_ids_BT, real_BT, cos, sin, kv, past, *args)
-    return ponder_loop(model, rows, tau, num_run)
+    return ponder_loop(model, rows, tau, num_run, True, exit_confidence, gate_scaling)
 
 
 # --------------------------------------------------------------------------------------------------

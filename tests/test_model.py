@@ -450,5 +450,5 @@ def test_exit_passes_replace_the_gates_halting_decision():
     assert not torch.allclose(forced.logits, learned.logits)
     with pytest.raises(ValueError, match="exit_passes must lie"):
         model(ids, dense=True, exit_passes=torch.zeros_like(ids))
-    with pytest.raises(ValueError, match="adaptive model"):
-        random_halting_model(seed=18, adaptive=False)(ids, exit_passes=pattern)
+    with pytest.raises(ValueError, match="exit_passes has shape"):
+        model(ids, exit_passes=pattern[:, 1:])
