@@ -516,7 +516,7 @@ def schedule(layout: Layout, todo: list[tuple[Arm, int]], at_once: int, runner: 
                 if lost or runner.stopping:
                     pending.remove((arm, seed))
                     codes[name] = 1
-                    if lost:
+                    if lost and not runner.stopping:
                         log(f"{name}: not started, it needs {', '.join(lost)} trained first")
                 elif not waiting:
                     pending.remove((arm, seed))
@@ -613,9 +613,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "command", choices=("run", "status", "report", "compare", "_task"), nargs="?", default="run"
     )
     parser.add_argument("name", nargs="?", help=argparse.SUPPRESS)  # the run of `_task`
-    parser.add_argument(
-        "--smoke", action="store_true", help="toy sizes: the whole pipeline in a few minutes"
-    )
+    parser.add_argument("--smoke", action="store_true", help="toy sizes: the whole pipeline in a few minutes")
     parser.add_argument(
         "--pilot",
         action="store_true",
