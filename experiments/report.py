@@ -211,46 +211,34 @@ def _draw_mean(fixed: dict[str, Any], key: str) -> float:
     return float(np.mean([d[key] for d in fixed["draws"]]))
 
 
+def _fixed_key(fixed: dict[str, Any]) -> tuple[float, str, bool]:
+    return fixed["tau"], fixed["policy"], fixed["gate_scaling"]
+
+
+def _pair(result: dict[str, Any], key: tuple[float, str, bool]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The learned point at tau and the fixed-pruning point `key` of one adaptive run's sweep."""
+    sweep = result["sweep"]
+    learned = next(p for p in sweep["learned"] if p["tau"] == key[0])
+    return learned, next(f for f in sweep["fixed"] if _fixed_key(f) == key)
+
+
 def pruning_rows(results: Results, scale_arms: list[Arm]) -> list[dict[str, Any]]:
     """Per adaptive arm, tau and fixed policy (gates' scaling kept or neutralised): the fixed policy's
     loss (mean of its draws) minus the learned policy's at the same mean passes, paired by seed."""
     rows = []
     for arm in [a for a in scale_arms if a.adaptive and results[a.name]]:
-        runs = results[arm.name]
-        first = next(iter(runs.values()))
-        for fixed in first["sweep"]["fixed"]:
-            key = (fixed["tau"], fixed["policy"], fixed["gate_scaling"])
-
-            def gain(r: dict[str, Any], key=key) -> float:
-                learned = next(p for p in r["sweep"]["learned"] if p["tau"] == key[0])
-                f = next(f for f in r["sweep"]["fixed"] if (f["tau"], f["policy"], f["gate_scaling"]) == key)
-                return _draw_mean(f, "loss") - learned["loss"]
-
+        runs = list(results[arm.name].values())
+        for key in [_fixed_key(f) for f in runs[0]["sweep"]["fixed"]]:
+            pairs = [_pair(r, key) for r in runs]
             rows.append(
                 {
                     "arm": arm.name,
                     "tau": key[0],
                     "policy": key[1],
                     "scaling": "kept" if key[2] else "neutralised",
-                    "passes": float(
-                        np.mean(
-                            [
-                                next(p for p in r["sweep"]["learned"] if p["tau"] == key[0])["mean_passes"]
-                                for r in runs.values()
-                            ]
-                        )
-                    ),
-                    "gains": [gain(r) for r in runs.values()],
-                    "spread": float(
-                        np.mean(
-                            [
-                                np.std([d["loss"] for d in f["draws"]])
-                                for r in runs.values()
-                                for f in r["sweep"]["fixed"]
-                                if (f["tau"], f["policy"], f["gate_scaling"]) == key
-                            ]
-                        )
-                    ),
+                    "passes": float(np.mean([learned["mean_passes"] for learned, _ in pairs])),
+                    "gains": [_draw_mean(fixed, "loss") - learned["loss"] for learned, fixed in pairs],
+                    "spread": float(np.mean([np.std([d["loss"] for d in f["draws"]]) for _, f in pairs])),
                 }
             )
     return rows
