@@ -46,7 +46,7 @@ class Scale:
     # The sweep set (experiments/evaluate.py): windows over both validation shards, and what is swept.
     sweep_windows: int = 256
     pass_grid: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0, 3.5)  # fixed pruning of plain PonderLM
-    confidences: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)  # confidence exit of plain PonderLM
+    confidences: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)  # confidence exit of plain PonderLM
     draws: int = 5  # random exit assignments per fixed-pruning point
 
     @property
