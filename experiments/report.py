@@ -463,9 +463,9 @@ def claims(
 
 
 def _count(rows: list[dict[str, Any]]) -> str:
-    verdicts = [better(r["gains"]) for r in rows if r["gains"]]
+    verdicts = [better(r["gains"]) for r in rows if len(r["gains"]) > 1]
     if not verdicts:
-        return "not measured yet"
+        return "not measured on two seeds yet"
     holds = sum(v == "holds" for v in verdicts)
     fails = sum(v.startswith("fails") for v in verdicts)
     rest = len(verdicts) - holds - fails
