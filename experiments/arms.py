@@ -237,6 +237,11 @@ def matched_depth(scale_name: str) -> int:
     )
 
 
+def continued_lr(scale: Scale) -> float:
+    """Peak learning rate of a continued arm: a quarter of the from-scratch runs'."""
+    return scale.lr / 4
+
+
 def continued_steps(scale: Scale) -> int:
     """Steps of a continued arm: half its source's (gates only for 2/5 of them, then jointly)."""
     return max(2, scale.train_steps // 2)
@@ -348,7 +353,7 @@ def run_config(
         model = {"init_from": source, "overrides": dict(arm.model)}
         # The samples its source would have read next: the same order, past its source's steps.
         data_order["start_sample"] = scale.train_steps * scale.batch_size
-        peak = scale.lr / 4
+        peak = continued_lr(scale)
     optimizer = {"lr": peak, **arm.optimizer}
     if lr is not None:
         optimizer["lr"] = lr

@@ -69,7 +69,8 @@ def validation_windows(prefix: str, seq_len: int, count: int) -> list[np.ndarray
 
 def sweep_windows(shards: dict[str, str], seq_len: int, total: int) -> list[np.ndarray]:
     """`total` windows over the shards, each shard's share its share of the tokens (at least one)."""
-    sizes = {name: len(shard_tokens(prefix)) for name, prefix in shards.items()}
+    # Token counts from the index alone (no shard is read here; validation_windows reads each once).
+    sizes = {name: int(MMapIndexedDataset(prefix).sizes.sum()) for name, prefix in shards.items()}
     whole = sum(sizes.values())
     windows = []
     for name, prefix in shards.items():

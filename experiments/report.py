@@ -24,6 +24,7 @@ from experiments.arms import (
     PASSES,
     Arm,
     arms,
+    continued_lr,
     jobs,
     parameters,
     run_name,
@@ -712,7 +713,7 @@ def _setup(layout: Layout) -> list[str]:
         (
             f"- Continued arms: {train_steps(continued, s)} more steps from their seed's "
             f"`{continued.continues}` (exported after its last step), reading the samples that follow the "
-            f"ones it read, peak lr {s.lr / 4:g} (warmup {s.warmup}, cosine to 0.1x)."
+            f"ones it read, peak lr {continued_lr(s):g} (warmup {s.warmup}, cosine to 0.1x)."
             if continued
             else ""
         ),
