@@ -19,36 +19,83 @@ def forward_flops(
 ) -> dict[str, torch.Tensor]:
     """Forward FLOPs of this batch as run adaptively (halted tokens computed nowhere), by part.
 
-    Matmul FLOPs only (2 per multiply-add). A token active in pass i pays one backbone pass plus
-    attention over its causal context of real keys; a gate is evaluated after every pass but the
-    last; head + mixture (4 D V) are paid only by tokens that go on to the next pass; the final
-    head (2 D V) once per token. `dense_total` is the same batch with every token in every pass.
     `past_real_B` counts real tokens already in a KV cache: they lengthen every query's context.
+    The counts are taken from the masks here; `flops_from_counts` has the cost model.
     """
-    d, v, g = config.hidden_size, config.vocab_size, config.gate_intermediate_size
-    num_layers, k_passes = config.num_hidden_layers, active_KBT.shape[0]
     active = (active_KBT & real_BT).double()
     context_BT = real_BT.double().cumsum(-1)
     if past_real_B is not None:
         context_BT = context_BT + past_real_B.double()[:, None]
+    return flops_from_counts(
+        config,
+        active_KBT.shape[0],
+        active_KBT.device,
+        run=active.sum(),
+        run_context=(active * context_BT).sum(),
+        mixed=active[1:].sum(),
+        gated=active[:-1].sum(),
+        real=real_BT.double().sum(),
+        real_context=(real_BT.double() * context_BT).sum(),
+    )
+
+
+def flops_from_counts(
+    config: AdaPonderConfig, k: int, device: torch.device, run, run_context, mixed, gated, real, real_context
+) -> dict[str, torch.Tensor]:
+    """Forward FLOPs by part, as float64 tensors on `device`, of K = `k` passes from token counts
+    (numbers or 0-d float64 tensors): `run` token-passes
+    run and `run_context` the sum of their causal contexts (real keys, itself included), `mixed` and
+    `gated` the token-passes preceded by a mixture and followed by a gate, `real` tokens and
+    `real_context` the sum of their contexts.
+
+    Matmul FLOPs only (2 per multiply-add). A token active in pass i pays one backbone pass plus
+    attention over its causal context of real keys; a gate is evaluated after every pass but the
+    last; head + mixture (4 D V) are paid only by tokens that go on to the next pass; the final
+    head (2 D V) once per token. `dense_total` is the same batch with every token in every pass.
+    """
+    d, v, g = config.hidden_size, config.vocab_size, config.gate_intermediate_size
+    num_layers = config.num_hidden_layers
     per_backbone = 2 * num_layers * (4 * d * d + 2 * d * config.intermediate_size)
     per_gate = 2 * (d * g + g) if config.adaptive else 0
     parts = {
-        "backbone": active.sum() * per_backbone,
-        "attention": (active * context_BT).sum() * 4 * num_layers * d,
-        "head": real_BT.double().sum() * 2 * d * v,
-        "mixture": active[1:].sum() * 4 * d * v,
-        "gates": active[:-1].sum() * per_gate,
+        "backbone": run * per_backbone,
+        "attention": run_context * 4 * num_layers * d,
+        "head": real * 2 * d * v,
+        "mixture": mixed * 4 * d * v,
+        "gates": gated * per_gate,
     }
     parts["total"] = sum(parts.values())
-    n_real = real_BT.double().sum()
     parts["dense_total"] = (
-        n_real * k_passes * per_backbone
-        + k_passes * (real_BT.double() * context_BT).sum() * 4 * num_layers * d
-        + n_real * 2 * d * v
-        + (k_passes - 1) * n_real * (4 * d * v + per_gate)
+        real * k * per_backbone
+        + k * real_context * 4 * num_layers * d
+        + real * 2 * d * v
+        + (k - 1) * real * (4 * d * v + per_gate)
     )
-    return parts
+    return {name: torch.as_tensor(value, dtype=torch.float64, device=device) for name, value in parts.items()}
+
+
+def one_token_step_stats(
+    config: AdaPonderConfig, passes: int, past_real: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """`halting_stats` and `forward_flops` of a decode step at batch 1 that ran `passes` passes
+    (a host int) after `past_real` cached real tokens (0-d): host arithmetic and a few small
+    tensors, where the mask route costs 5% of a K = 1 step on CPU."""
+    k, device = config.num_passes, past_real.device
+    context = past_real.double() + 1
+    flops = flops_from_counts(
+        config,
+        k,
+        device,
+        run=passes,
+        run_context=passes * context,
+        mixed=passes - 1,
+        gated=min(passes, k - 1),
+        real=1,
+        real_context=context,
+    )
+    passes_11 = torch.full((1, 1), passes, dtype=torch.long, device=device)
+    halted_K = torch.tensor([float(i == passes - 1) for i in range(k)], dtype=torch.float64, device=device)
+    return passes_11, halted_K, torch.tensor(float(passes), dtype=torch.float64, device=device), flops
 
 
 def decode_bytes(

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import GenerationMixin
 
-from model.accounting import active_from_passes, forward_flops, halting_stats
+from model.accounting import active_from_passes, forward_flops, halting_stats, one_token_step_stats
 from model.inference import checked_cache
 from model.speculative import assisted_decoding
 
@@ -38,10 +38,13 @@ class PonderGenerationMixin(GenerationMixin):
         )
         if output_halting:
             with torch.no_grad():
-                passes_B1 = torch.as_tensor(step.passes, device=device).expand(b)[:, None]
-                active_KB1 = active_from_passes(passes_B1, cfg.num_passes)
-                real_B1 = torch.ones(b, 1, dtype=torch.bool, device=device)
                 out.gates = torch.stack(step.gates)[..., None] if step.gates is not None else None
+                if isinstance(step.passes, int):  # batch 1: the passes are on the host already
+                    stats = one_token_step_stats(cfg, step.passes, past_real_B[0])
+                    out.passes, out.halted_fraction, out.mean_passes, out.flops = stats
+                    return out
+                active_KB1 = active_from_passes(step.passes[:, None], cfg.num_passes)
+                real_B1 = torch.ones(b, 1, dtype=torch.bool, device=device)
                 out.passes, out.halted_fraction, out.mean_passes = halting_stats(active_KB1, real_B1)
                 out.flops = forward_flops(cfg, active_KB1, real_B1, past_real_B)
         return out

@@ -4,6 +4,7 @@ dense one."""
 import pytest
 import torch
 from helpers import VOCAB, left_padded_batch, random_halting_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import model.ponder as ponder
 from model.accounting import decode_bytes
@@ -154,3 +155,31 @@ def test_decode_bytes_count_the_parameters_each_pass_reads():
     assert float(halted["total"]) == 4 * (
         backbone + gates + numel["embed_out.weight"] + d + cfg.num_hidden_layers * 2 * d
     )
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_batch_one_step_reports_its_statistics_from_the_host_passes(k):
+    """At batch 1 the step's passes are a host int: passes, halted fraction, mean and FLOPs are
+    arithmetic on it plus a few small tensors, not the [K, B, T] mask route (79 extra ops at K = 1,
+    5% of a K = 1 step on CPU). The values are the general path's (the test above)."""
+    model = random_halting_model(seed=22, num_passes=k).eval()
+    ids = torch.randint(1, VOCAB, (1, 8), generator=torch.Generator().manual_seed(7))
+    ops = {}
+    for halting in (True, False):
+        cache = AdaPonderCache(model.config, max_length=8)
+        model(ids[:, :4], cache=cache)
+        with torch.no_grad(), OpCounter() as counter:
+            model(ids[:, 4:5], cache=cache, halt_threshold=0.0, output_halting=halting)
+        ops[halting] = counter.ops
+    extra_for_gates = 4 if k > 1 else 0  # torch.stack of the gates and its views
+    assert ops[True] - ops[False] <= 28 + extra_for_gates, ops
