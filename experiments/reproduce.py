@@ -17,12 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from experiments.pilot import mixture_loss
+from experiments.report import passes
+
 TIMINGS = ("train_wall_seconds", "train_tokens_per_sec", "eval_wall_seconds")
 SAME = 1e-6  # relative: "the same run" (fp32 evaluation sums in one order on one core)
 
 
 def numbers(value: Any, prefix: str = "") -> dict[str, float]:
-    """Every number of a result, by its path ("learned.ppl", "tau_sweep.2.mean_passes",
+    """Every number of a result, by its path ("shards.code.loss", "sweep.trained.2.mean_passes",
     "training_curve.lm_loss.step 350", ...)."""
     if isinstance(value, dict):
         out: dict[str, float] = {}
@@ -67,16 +70,16 @@ def compare(reference: Path, rerun: Path) -> dict[str, Any]:
     unknown = sorted(new_runs.keys() - ref_runs.keys())
     if unknown:
         raise ValueError(f"{rerun / 'by_run'}: runs {unknown} have no counterpart in {reference / 'by_run'}")
-    ppl_by_arm: dict[str, list[float]] = {}
+    loss_by_arm: dict[str, list[float]] = {}
     for r in ref_runs.values():
-        ppl_by_arm.setdefault(r["arm"], []).append(r["learned"]["ppl"])
+        loss_by_arm.setdefault(r["arm"], []).append(mixture_loss(r))
     runs = []
     for name, new in new_runs.items():
         ref = ref_runs[name]
-        spread = ppl_by_arm[ref["arm"]]
+        spread = loss_by_arm[ref["arm"]]
         std = float(np.std(spread, ddof=1)) if len(spread) > 1 else math.nan
         field, worst = largest_difference(ref, new)
-        delta = new["learned"]["ppl"] - ref["learned"]["ppl"]
+        delta = mixture_loss(new) - mixture_loss(ref)
         if worst <= SAME:
             verdict = "same"
         elif abs(delta) <= std:
@@ -86,11 +89,11 @@ def compare(reference: Path, rerun: Path) -> dict[str, Any]:
         runs.append(
             {
                 "run": name,
-                "ppl_reference": ref["learned"]["ppl"],
-                "ppl_rerun": new["learned"]["ppl"],
-                "passes_reference": ref["learned"]["mean_passes"],
-                "passes_rerun": new["learned"]["mean_passes"],
-                "ppl_seed_std": std,
+                "loss_reference": mixture_loss(ref),
+                "loss_rerun": mixture_loss(new),
+                "passes_reference": passes(ref),
+                "passes_rerun": passes(new),
+                "loss_seed_std": std,
                 "largest_relative_difference": worst,
                 "at": field,
                 "verdict": verdict,
@@ -111,17 +114,17 @@ def reproduced(comparison: dict[str, Any]) -> bool:
 
 def table(comparison: dict[str, Any]) -> list[str]:
     lines = [
-        "| run | PPL (study) | PPL (rerun) | passes (study) | passes (rerun) | PPL difference / seed std "
+        "| run | loss (study) | loss (rerun) | passes (study) | passes (rerun) | loss difference / seed std "
         "| largest relative difference of any number (where) | resumed from a checkpoint (study / rerun) "
         "| verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in comparison["runs"]:
-        ratio = abs(r["ppl_rerun"] - r["ppl_reference"]) / r["ppl_seed_std"]
+        ratio = abs(r["loss_rerun"] - r["loss_reference"]) / r["loss_seed_std"]
         counts = (r.get("resumes_reference"), r.get("resumes_rerun"))
         resumed = " / ".join("?" if c is None else str(c) for c in counts)
         lines.append(
-            f"| {r['run']} | {r['ppl_reference']:.4f} | {r['ppl_rerun']:.4f} | {r['passes_reference']:.4f} "
+            f"| {r['run']} | {r['loss_reference']:.4f} | {r['loss_rerun']:.4f} | {r['passes_reference']:.4f} "
             f"| {r['passes_rerun']:.4f} | {ratio:.1e} | {r['largest_relative_difference']:.1e} "
             f"(`{r['at'] or '-'}`) | {resumed} | {r['verdict']} |"
         )

@@ -227,11 +227,12 @@ def test_reproduction_compares_every_number_but_timings(tmp_path):
     curve = {"training_curve": {"lm_loss": [[50, 4.0], [100, 3.5]]}, "train_wall_seconds": 3.0}
     assert numbers(curve) == {"training_curve.lm_loss.step 50": 4.0, "training_curve.lm_loss.step 100": 3.5}
 
-    def result(arm: str, ppl: float, sweep: float, wall: float) -> dict:
+    def result(arm: str, loss: float, sweep: float, wall: float) -> dict:
+        shard = {"loss": loss, "mean_passes": 3.0, "tokens": 10, "nll_by_passes": [None, 2.0]}
         return {
             "arm": arm,
-            "learned": {"ppl": ppl, "mean_passes": 3.0, "nll_by_passes": [None, 2.0]},
-            "tau_sweep": [{"ppl": sweep}],
+            "shards": {"code": shard, "programs": dict(shard, loss=loss + 1.0, tokens=30)},
+            "sweep": {"trained": [{"loss": sweep}]},
             "adaptive": True,
             "train_wall_seconds": wall,
         }
@@ -251,10 +252,11 @@ def test_reproduction_compares_every_number_but_timings(tmp_path):
     same_but_slower = write(tmp_path / "same", {"a-s1": result("a", 100.0, 110.0, 9.0)}, "x")
     assert [r["verdict"] for r in compare(reference, same_but_slower)["runs"]] == ["same"]
     assert compare(reference, same_but_slower)["data"] == "same bytes"
-    # A tau-sweep point off by 1e-3: not the same run, but within the seed spread (std 1.41 PPL).
+    # A tau-sweep point off by 1e-3: not the same run, but within the seed spread (std 1.41 nats).
     deep = write(tmp_path / "deep", {"a-s1": result("a", 100.0, 110.11, 5.0)}, "y")
     (run,) = compare(reference, deep)["runs"]
-    assert (run["verdict"], run["at"]) == ("within the seed spread", "tau_sweep.0.ppl")
+    assert (run["verdict"], run["at"]) == ("within the seed spread", "sweep.trained.0.loss")
+    assert (run["loss_reference"], run["loss_rerun"]) == (100.75, 100.75)  # token-weighted over the shards
     assert compare(reference, deep)["data"] == "differs or not recorded"
     outside = write(tmp_path / "outside", {"a-s2": result("a", 99.0, 111.0, 5.0)}, None)
     assert [r["verdict"] for r in compare(reference, outside)["runs"]] == ["outside the seed spread"]
