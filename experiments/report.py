@@ -363,12 +363,16 @@ def depth_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def hardest_gain(result: dict[str, Any], shard: str = "code") -> float | None:
-    """Forced NLL of the tokens that ran every pass minus that of the tokens that stopped earliest."""
+def hard_token_gap(result: dict[str, Any], shard: str) -> float | None:
+    """Forced NLL of the tokens that ran every pass minus that of the tokens that stopped earlier,
+    pooled over the earlier exits by their shares (one exit depth may hold a handful of tokens)."""
     cells = result["shards"][shard]["forced_by_learned_depth"]
-    if len(cells) < 2:
+    last = [c for c in cells if c["passes"] == result["num_passes"]]
+    early = [c for c in cells if c["passes"] < result["num_passes"] and c["share"] > 0]
+    if not last or not early:
         return None
-    return cells[-1]["nll_forced"] - cells[0]["nll_forced"]
+    weight = sum(c["share"] for c in early)
+    return last[0]["nll_forced"] - sum(c["share"] * c["nll_forced"] for c in early) / weight
 
 
 def task_table(layout: Layout, results: Results) -> list[str]:
@@ -443,11 +447,15 @@ def claims(
         saved = paired(results, base, arm, passes)
         text = f"{arm} runs fewer passes than {base} ({base} - {arm}, passes per token)"
         lines.append(f"| {text} | {fmt_interval(saved, 3)} | {better(saved)} |")
-    hard = [h for r in results.get("adaponder", {}).values() if (h := hardest_gain(r)) is not None]
-    lines.append(
-        "| Tokens that run every pass are the hard ones: NLL with every pass forced, all-pass tokens - "
-        f"earliest-exit tokens (adaponder, code) | {fmt_interval(hard)} | {better(hard)} |"
-    )
+    for arm in EXIT_BASELINES:
+        for shard in ("code", "programs"):
+            runs = results.get(arm, {}).values()
+            hard = [h for r in runs if shard in r["shards"] and (h := hard_token_gap(r, shard)) is not None]
+            text = (
+                "Tokens that run every pass are the hard ones: NLL with every pass forced, all-pass "
+                f"tokens - tokens that exited earlier ({arm}, {shard})"
+            )
+            lines.append(f"| {text} | {fmt_interval(hard)} | {better(hard)} |")
     init = paired(results, "ponderlm-pythia-init", "ponderlm", mixture_loss)
     lines += [
         "",

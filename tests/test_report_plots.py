@@ -6,7 +6,7 @@ import json
 import pytest
 
 from experiments import report
-from experiments.arms import FULL, PASSES, arms, jobs, run_name
+from experiments.arms import FULL, PASSES, arm_named, arms, jobs, run_name
 from experiments.study import Layout
 
 TAUS = FULL.taus
@@ -125,6 +125,24 @@ def test_verdicts_read_the_paired_interval_and_the_declared_margin(study):
     assert _claim(readme, "... more than").endswith("| +0.0700 [+0.0700, +0.0700] (3 seeds) | holds |")
     assert "learned better in 40 of 40 comparisons" in readme  # fixed pruning: +0.05 everywhere
     assert "| adaponder | code | 4 | 25.0% |" in readme
+
+
+def test_the_hard_token_claim_pools_the_earlier_exits_by_their_shares(study):
+    """Forced NLL loss + 0.08 j at exit depth j: all-pass (j = 4) minus the share-weighted earlier
+    exits. An exit depth no token took (share 0) counts for nothing."""
+    for seed in FULL.seeds:
+        path = study.result_file(run_name(arm_named(FULL, "adaponder"), seed))
+        result = json.loads(path.read_text())
+        cells = result["shards"]["code"]["forced_by_learned_depth"]
+        cells[0]["share"], cells[1]["share"] = 0.0, 0.5  # earlier exits: j = 2 (0.5), j = 3 (0.25)
+        path.write_text(json.dumps(result))
+    claims = report.write_report(study).read_text().split("## Which claims hold here")[1].split("###")[0]
+    hard = [line for line in claims.splitlines() if "are the hard ones" in line]
+    assert len(hard) == 4  # both adaptive arms, both shards
+    code = next(line for line in hard if "(adaponder, code)" in line)
+    assert code.endswith("| +0.1333 [+0.1333, +0.1333] (3 seeds) | holds |")  # 0.08 (4 - 7 / 3)
+    programs = next(line for line in hard if "(adaponder-cont, programs)" in line)
+    assert programs.endswith("| +0.1600 [+0.1600, +0.1600] (3 seeds) | holds |")  # 0.08 (4 - 2)
 
 
 def test_verdicts_with_spread_are_inconclusive_when_the_interval_crosses(study):
