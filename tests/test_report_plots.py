@@ -124,6 +124,13 @@ def test_verdicts_read_the_paired_interval_and_the_declared_margin(study):
     # The deep vanilla's first seed is its tuning run with the lower final loss (lr x1).
     assert _claim(readme, "... more than").endswith("| +0.0700 [+0.0700, +0.0700] (3 seeds) | holds |")
     assert "learned better in 40 of 40 comparisons" in readme  # fixed pruning: +0.05 everywhere
+    # The tau sweep at K=2's FLOPs (2 passes: its third point, loss + 0.04) against K=2's loss.
+    assert _claim(readme, "AdaPonderLM's learned halting beats a trained PonderLM K=2").endswith(
+        "| +0.0050 [+0.0050, +0.0050] (3 seeds) | holds |"
+    )
+    assert _claim(readme, "AdaPonderLM's learned halting beats a trained PonderLM K=3").endswith(
+        "| +0.0150 [+0.0150, +0.0150] (3 seeds) | holds |"
+    )
     assert "| adaponder | code | 4 | 25.0% |" in readme
 
 
