@@ -637,7 +637,8 @@ def plot_depth(layout: Layout, rows: list[dict[str, Any]], path: Path) -> None:
 
 def plot_gates(layout: Layout, results: Results, path: Path) -> None:
     """Mean gate value of each update during training (TensorBoard histograms), adaptive arms' first
-    seed, with the end of stage 1 (ponder loss off before it)."""
+    seed, with the end of stage 1 (ponder loss off before it) and of a continued arm's gates-only
+    phase (backbone frozen before it)."""
     with _figure(path, (8, 4.5), loc="lower left") as ax:
         for arm in [a for a in arms(layout.scale) if a.adaptive and results[a.name]]:
             result = results[arm.name][min(results[arm.name])]
@@ -653,9 +654,14 @@ def plot_gates(layout: Layout, results: Results, path: Path) -> None:
                     )
             if not arm.continues:
                 ax.axvline(layout.scale.stage1, color="grey", ls=":", lw=1)
+            elif arm.ponder.get("gates_only"):
+                ax.axvline(arm.ponder["gates_only"], color="grey", ls="--", lw=1)
         ax.set_xlabel("training step (continued arm: steps since its start)")
         ax.set_ylabel("mean gate value s")
-        ax.set_title(f"Gates during training (dotted: end of stage 1, step {layout.scale.stage1})")
+        ax.set_title(
+            f"Gates during training (dotted: end of stage 1, step {layout.scale.stage1};\n"
+            "dashed: end of the continued arm's gates-only phase)"
+        )
         ax.grid(alpha=0.3)
 
 

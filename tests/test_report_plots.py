@@ -187,3 +187,10 @@ def test_study_plots_have_titles_plain_labels_and_no_clipped_or_overlapping_text
     assert "adaponder: learned, tau sweep" in labels
     assert "adaponder-cont: geometric pruning, scaling neutralised" in labels
     assert "ponderlm-more: confidence exit" in labels
+    # The gates plot marks the end of stage 1 and of the continued arm's gates-only phase.
+    marks = {
+        line.get_linestyle(): line.get_xdata()[0]
+        for line in saved_figures["gates_in_training.png"].axes[0].get_lines()
+        if len(set(line.get_xdata())) == 1
+    }
+    assert marks == {":": FULL.stage1, "--": arm_named(FULL, "adaponder-cont").ponder["gates_only"]}
