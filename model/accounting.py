@@ -39,14 +39,24 @@ def forward_flops(
     )
 
 
+Count = float | torch.Tensor  # a host number, or a 0-d float64 tensor on the device
+
+
 def flops_from_counts(
-    config: AdaPonderConfig, k: int, device: torch.device, run, run_context, mixed, gated, real, real_context
+    config: AdaPonderConfig,
+    k: int,
+    device: torch.device,
+    run: Count,
+    run_context: Count,
+    mixed: Count,
+    gated: Count,
+    real: Count,
+    real_context: Count,
 ) -> dict[str, torch.Tensor]:
-    """Forward FLOPs by part, as float64 tensors on `device`, of K = `k` passes from token counts
-    (numbers or 0-d float64 tensors): `run` token-passes
-    run and `run_context` the sum of their causal contexts (real keys, itself included), `mixed` and
-    `gated` the token-passes preceded by a mixture and followed by a gate, `real` tokens and
-    `real_context` the sum of their contexts.
+    """Forward FLOPs by part, as float64 tensors on `device`, of K = `k` passes from token counts:
+    `run` token-passes run and `run_context` the sum of their causal contexts (real keys, itself
+    included), `mixed` and `gated` the token-passes preceded by a mixture and followed by a gate,
+    `real` tokens and `real_context` the sum of their contexts.
 
     Matmul FLOPs only (2 per multiply-add). A token active in pass i pays one backbone pass plus
     attention over its causal context of real keys; a gate is evaluated after every pass but the
